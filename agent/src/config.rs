@@ -1,0 +1,515 @@
+//! The agent's configuration file: its shape, its defaults, and its validation.
+//!
+//! Every field here is user-facing: the `///` comments are the reference, and
+//! `docs/CONFIGURATION.md` repeats them with examples. Each stage owns its own config
+//! struct (in its module); this file assembles them and checks what spans stages
+//! (unique names, sinks referenced by rules, paths).
+//!
+//! Loading reports every semantic error at once, each with `file:line:col` found
+//! by walking the TOML document's spans, so an installer fixes a file in one pass.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ferry_rules::Diagnostic;
+use serde::{Deserialize, Deserializer};
+
+use crate::forward::console::ConsoleSinkConfig;
+use crate::forward::http::HttpSinkConfig;
+use crate::ingest::mqtt::MqttSourceConfig;
+use crate::ingest::simulator::SimulatorConfig;
+use crate::store::StoreConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Who this agent is and where it keeps its state.
+    pub agent: AgentConfig,
+    /// The optional admin endpoint (Prometheus metrics). Off unless configured.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// Inputs, by kind.
+    #[serde(default)]
+    pub source: SourcesConfig,
+    /// Where the rule files live.
+    #[serde(default)]
+    pub rules: RulesConfig,
+    /// The durable buffer between rules and sinks.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Upstreams, by kind.
+    #[serde(default)]
+    pub sink: SinksConfig,
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The agent's id: part of every CloudEvent `source` (`/ferry/{id}/...`) and id.
+    /// Letters, digits, `.`, `_` and `-`.
+    pub id: String,
+    /// Directory for the store. Relative paths are relative to the config file.
+    /// Default: `$STATE_DIRECTORY` when set (systemd `StateDirectory=`), else
+    /// `/var/lib/ferry`.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address for the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`.
+    /// Keep it on loopback unless the port is firewalled.
+    pub listen: std::net::SocketAddr,
+}
+
+/// `[[source.mqtt]]`, `[[source.simulator]]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcesConfig {
+    #[serde(default)]
+    pub mqtt: Vec<MqttSourceConfig>,
+    #[serde(default)]
+    pub simulator: Vec<SimulatorConfig>,
+}
+
+/// `[[sink.http]]`, `[[sink.console]]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinksConfig {
+    #[serde(default)]
+    pub http: Vec<HttpSinkConfig>,
+    #[serde(default)]
+    pub console: Vec<ConsoleSinkConfig>,
+}
+
+impl SinksConfig {
+    /// Every sink's name, in config order.
+    pub fn names(&self) -> Vec<String> {
+        self.http
+            .iter()
+            .map(|s| s.name.clone())
+            .chain(self.console.iter().map(|s| s.name.clone()))
+            .collect()
+    }
+}
+
+/// `[rules]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Directory of `*.toml` rule files. Relative paths are relative to the config
+    /// file. Without it, every reading is forwarded and no alerts are raised.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+/// A loaded config plus where it came from (for resolving relative paths).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub path: PathBuf,
+}
+
+impl Loaded {
+    /// Reads, parses and validates the file. `Err` holds every problem found.
+    pub fn from_file(path: &Path) -> Result<Self, Vec<Diagnostic>> {
+        match Self::check_file(path) {
+            (Some(loaded), problems) if problems.is_empty() => Ok(loaded),
+            (_, problems) => Err(problems),
+        }
+    }
+
+    /// Reads, parses and validates the file, returning the config whenever it could
+    /// be parsed (even with semantic problems, so `ferry check` can go on to check the
+    /// rule files) together with every problem found.
+    pub fn check_file(path: &Path) -> (Option<Self>, Vec<Diagnostic>) {
+        let name = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::check_str(&name, &text, path),
+            Err(e) => (
+                None,
+                vec![Diagnostic {
+                    file: name,
+                    line: 0,
+                    col: 0,
+                    message: format!("cannot read config file: {e}"),
+                    snippet: String::new(),
+                }],
+            ),
+        }
+    }
+
+    /// Parses and validates config text; `path` anchors relative paths.
+    pub fn from_str(name: &str, text: &str, path: &Path) -> Result<Self, Vec<Diagnostic>> {
+        match Self::check_str(name, text, path) {
+            (Some(loaded), problems) if problems.is_empty() => Ok(loaded),
+            (_, problems) => Err(problems),
+        }
+    }
+
+    fn check_str(name: &str, text: &str, path: &Path) -> (Option<Self>, Vec<Diagnostic>) {
+        let config: Config = match toml::from_str(text) {
+            Ok(c) => c,
+            Err(e) => {
+                let offset = e.span().map(|s| s.start).unwrap_or(0);
+                return (
+                    None,
+                    vec![Diagnostic::at(name, text, offset, e.message().to_string())],
+                );
+            }
+        };
+        let problems = validate(&config);
+        let doc = if problems.is_empty() {
+            None
+        } else {
+            text.parse::<toml_edit::ImDocument<String>>().ok()
+        };
+        let diagnostics = problems
+            .into_iter()
+            .map(|p| {
+                let offset = doc.as_ref().and_then(|d| locate(d, &p.path)).unwrap_or(0);
+                Diagnostic::at(name, text, offset, p.message)
+            })
+            .collect();
+        let loaded = Self {
+            config,
+            path: path.to_path_buf(),
+        };
+        (Some(loaded), diagnostics)
+    }
+
+    /// Resolves a path from the config against the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            return p.to_path_buf();
+        }
+        self.path
+            .parent()
+            .map(|dir| dir.join(p))
+            .unwrap_or_else(|| p.to_path_buf())
+    }
+
+    /// The store directory, after defaults.
+    pub fn data_dir(&self) -> PathBuf {
+        match &self.config.agent.data_dir {
+            Some(p) => self.resolve(p),
+            None => std::env::var_os("STATE_DIRECTORY")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/ferry")),
+        }
+    }
+
+    /// The rules directory, if configured.
+    pub fn rules_dir(&self) -> Option<PathBuf> {
+        self.config.rules.dir.as_ref().map(|p| self.resolve(p))
+    }
+}
+
+/// One semantic problem, located by its path in the TOML document
+/// (e.g. `["source", "mqtt", 0, "url"]`).
+#[derive(Debug)]
+pub struct Problem {
+    pub path: Vec<PathSeg>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathSeg {
+    Key(&'static str),
+    Index(usize),
+}
+
+impl From<&'static str> for PathSeg {
+    fn from(k: &'static str) -> Self {
+        PathSeg::Key(k)
+    }
+}
+
+impl From<usize> for PathSeg {
+    fn from(i: usize) -> Self {
+        PathSeg::Index(i)
+    }
+}
+
+/// Builds a [`Problem`]: `problem!(["source", "mqtt", i, "url"], "bad url: {e}")`.
+macro_rules! problem {
+    ([$($seg:expr),*], $($fmt:tt)+) => {
+        $crate::config::Problem {
+            path: vec![$($crate::config::PathSeg::from($seg)),*],
+            message: format!($($fmt)+),
+        }
+    };
+}
+pub(crate) use problem;
+
+/// Finds the byte offset of the deepest item of `path` that exists in the document.
+fn locate(doc: &toml_edit::ImDocument<String>, path: &[PathSeg]) -> Option<usize> {
+    let mut item: &toml_edit::Item = doc.as_item();
+    let mut best = None;
+    for seg in path {
+        let next = match seg {
+            PathSeg::Key(k) => item.get(*k),
+            PathSeg::Index(i) => item.get(*i),
+        };
+        match next {
+            Some(n) => {
+                item = n;
+                if let Some(span) = span_of(item) {
+                    best = Some(span.start);
+                }
+            }
+            None => break,
+        }
+    }
+    best
+}
+
+fn span_of(item: &toml_edit::Item) -> Option<std::ops::Range<usize>> {
+    match item {
+        toml_edit::Item::Value(v) => v.span(),
+        toml_edit::Item::Table(t) => t.span(),
+        toml_edit::Item::ArrayOfTables(a) => a.span(),
+        toml_edit::Item::None => None,
+    }
+}
+
+/// Whether `s` is a usable component name (appears in URIs, metrics and logs).
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn validate(config: &Config) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if !valid_name(&config.agent.id) {
+        out.push(problem!(
+            ["agent", "id"],
+            "agent id must be 1-64 letters, digits, '.', '_' or '-'"
+        ));
+    }
+
+    let mut sources = HashSet::new();
+    for (i, s) in config.source.mqtt.iter().enumerate() {
+        check_name(&mut out, &mut sources, "source", "mqtt", i, &s.name);
+        out.extend(s.validate(i));
+    }
+    for (i, s) in config.source.simulator.iter().enumerate() {
+        check_name(&mut out, &mut sources, "source", "simulator", i, &s.name);
+        out.extend(s.validate(i));
+    }
+    if sources.is_empty() {
+        out.push(problem!(
+            ["source"],
+            "no sources configured: add a [[source.mqtt]] or [[source.simulator]]"
+        ));
+    }
+
+    let mut sinks = HashSet::new();
+    for (i, s) in config.sink.http.iter().enumerate() {
+        check_name(&mut out, &mut sinks, "sink", "http", i, &s.name);
+        out.extend(s.validate(i));
+    }
+    for (i, s) in config.sink.console.iter().enumerate() {
+        check_name(&mut out, &mut sinks, "sink", "console", i, &s.name);
+    }
+    if sinks.is_empty() {
+        out.push(problem!(
+            ["sink"],
+            "no sinks configured: add a [[sink.http]] or [[sink.console]]"
+        ));
+    }
+    out.extend(config.store.validate());
+    out
+}
+
+fn check_name(
+    out: &mut Vec<Problem>,
+    seen: &mut HashSet<String>,
+    table: &'static str,
+    kind: &'static str,
+    i: usize,
+    name: &str,
+) {
+    if !valid_name(name) {
+        out.push(problem!(
+            [table, kind, i, "name"],
+            "{table} name {name:?} must be 1-64 letters, digits, '.', '_' or '-'"
+        ));
+    } else if !seen.insert(name.to_string()) {
+        out.push(problem!(
+            [table, kind, i, "name"],
+            "duplicate {table} name {name:?}: names must be unique across all {table}s"
+        ));
+    }
+}
+
+/// A duration written the human way: `"500ms"`, `"10s"`, `"5m"`, `"7d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?}: {e} (write e.g. \"500ms\", \"10s\", \"5m\")"
+            ))
+        })
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// A size written the human way: `"256KiB"`, `"64MiB"`, `"1GB"`, or a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bytes(pub u64);
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Bytes(n)),
+            Raw::S(s) => bytesize::ByteSize::from_str(&s)
+                .map(|b| Bytes(b.as_u64()))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "invalid size {s:?}: {e} (write e.g. \"256KiB\", \"64MiB\")"
+                    ))
+                }),
+        }
+    }
+}
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", bytesize::ByteSize::b(self.0).display().iec())
+    }
+}
+
+/// Jittered exponential backoff bounds, shared by every component that retries.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// First delay after a failure.
+    pub min: Dur,
+    /// Longest delay between attempts.
+    pub max: Dur,
+}
+
+impl BackoffConfig {
+    pub const fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min: Dur(min),
+            max: Dur(max),
+        }
+    }
+
+    pub fn validate(&self, path: &[PathSeg]) -> Option<Problem> {
+        (self.min.0.is_zero() || self.min > self.max).then(|| Problem {
+            path: path.to_vec(),
+            message: "backoff needs 0 < min <= max".to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Loaded, Vec<Diagnostic>> {
+        Loaded::from_str("ferry.toml", text, Path::new("/etc/ferry/ferry.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[agent]
+id = "gw-1"
+
+[[source.simulator]]
+name = "sim"
+
+[[sink.console]]
+name = "out"
+"#;
+
+    #[test]
+    fn a_minimal_config_loads_with_defaults() {
+        let l = load(MINIMAL).expect("minimal config is valid");
+        assert_eq!(l.config.agent.id, "gw-1");
+        assert!(l.config.admin.is_none());
+        assert_eq!(l.config.sink.names(), vec!["out".to_string()]);
+    }
+
+    #[test]
+    fn an_unknown_field_is_reported_with_line_and_column() {
+        let text = "[agent]\nid = \"x\"\ncolour = \"red\"\n";
+        let errs = load(text).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!((errs[0].line, errs[0].col), (3, 1));
+        assert!(errs[0].message.contains("colour"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported_at_once_with_its_position() {
+        let text = r#"[agent]
+id = "gw 1"
+
+[[source.simulator]]
+name = "a"
+
+[[source.simulator]]
+name = "a"
+
+[[sink.http]]
+name = "cloud"
+url = "not a url"
+"#;
+        let errs = load(text).unwrap_err();
+        let at: Vec<(usize, String)> = errs.iter().map(|e| (e.line, e.message.clone())).collect();
+        assert_eq!(errs.len(), 3, "{at:?}");
+        assert_eq!(errs[0].line, 2);
+        assert_eq!(errs[1].line, 8);
+        assert!(errs[1].message.contains("duplicate"));
+        assert_eq!(errs[2].line, 12);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let l = load(MINIMAL).unwrap();
+        assert_eq!(
+            l.resolve(Path::new("rules")),
+            PathBuf::from("/etc/ferry/rules")
+        );
+        assert_eq!(l.resolve(Path::new("/abs")), PathBuf::from("/abs"));
+    }
+
+    #[test]
+    fn sizes_and_durations_read_the_human_way() {
+        let b: Bytes = toml::Value::String("256KiB".into()).try_into().unwrap();
+        assert_eq!(b, Bytes(256 * 1024));
+        let n: Bytes = toml::Value::Integer(1000).try_into().unwrap();
+        assert_eq!(n, Bytes(1000));
+        let d: Dur = toml::Value::String("1m 30s".into()).try_into().unwrap();
+        assert_eq!(d.0, Duration::from_secs(90));
+        assert!(toml::Value::String("soon".into())
+            .try_into::<Dur>()
+            .is_err());
+    }
+}

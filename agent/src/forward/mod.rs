@@ -1,0 +1,262 @@
+//! Forward: one task per sink moves records from the store upstream.
+//!
+//! Each sink reads from its own cursor, sends CloudEvents, and advances the cursor
+//! only past what the upstream accepted (2xx) or permanently refused (counted as
+//! dropped with reason `rejected`). Anything else — refused connections, timeouts,
+//! 5xx, 429 — is retried with jittered backoff, with the same ids, for as long as it
+//! takes: the store is what absorbs the outage.
+//!
+//! Up to `max_in_flight` requests run at once. With more than one, a later request
+//! may land before an earlier one that is being retried; with one (the default),
+//! the upstream sees events in store order.
+
+pub mod cloudevent;
+pub mod console;
+pub mod http;
+
+use std::sync::Arc;
+
+use cloudevents::Event;
+use futures_util::future::join_all;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::store::{Store, StoreError};
+
+/// What the upstream said about one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// Accepted: the events may leave the store.
+    Accepted,
+    /// Worth trying again later: `kind` is the metrics label.
+    Retry { kind: &'static str, detail: String },
+    /// Permanently refused: retrying the same events cannot help.
+    Rejected { detail: String },
+}
+
+/// How an HTTP status is treated.
+pub fn classify_status(status: u16) -> Delivery {
+    match status {
+        200..=299 => Delivery::Accepted,
+        // 408 and 429 say "later"; 5xx is the upstream's trouble; 3xx means the URL
+        // is wrong, which an operator can fix without losing what is buffered.
+        408 | 429 | 300..=399 | 500..=599 => Delivery::Retry {
+            kind: if status >= 500 {
+                "server_error"
+            } else {
+                "retryable_status"
+            },
+            detail: format!("HTTP {status}"),
+        },
+        _ => Delivery::Rejected {
+            detail: format!("HTTP {status}"),
+        },
+    }
+}
+
+/// A configured upstream.
+pub enum Sink {
+    Http(http::HttpSink),
+    Console(console::ConsoleSink),
+}
+
+impl Sink {
+    pub fn name(&self) -> &str {
+        match self {
+            Sink::Http(s) => &s.name,
+            Sink::Console(s) => &s.name,
+        }
+    }
+
+    async fn send(&self, events: &[Event]) -> Delivery {
+        match self {
+            Sink::Http(s) => s.send(events).await,
+            Sink::Console(s) => s.send(events),
+        }
+    }
+
+    /// Events per request.
+    fn per_request(&self) -> usize {
+        match self {
+            Sink::Http(s) => s.per_request(),
+            Sink::Console(_) => 256,
+        }
+    }
+
+    fn max_in_flight(&self) -> usize {
+        match self {
+            Sink::Http(s) => s.max_in_flight,
+            Sink::Console(_) => 1,
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        match self {
+            Sink::Http(s) => Backoff::new(s.retry),
+            Sink::Console(_) => Backoff::new(crate::config::BackoffConfig::new(
+                std::time::Duration::from_millis(100),
+                std::time::Duration::from_secs(5),
+            )),
+        }
+    }
+}
+
+/// Runs one sink until cancelled.
+pub async fn run_sink(
+    sink: Sink,
+    store: Arc<dyn Store>,
+    mut head: watch::Receiver<u64>,
+    cancel: CancellationToken,
+) -> Result<(), StoreError> {
+    let name = sink.name().to_string();
+    let mut backoff = sink.backoff();
+    let per_request = sink.per_request().max(1);
+    let window = per_request * sink.max_in_flight().max(1);
+    let mut failing = false;
+
+    let mut cursor = blocking(&store, {
+        let name = name.clone();
+        move |s| s.cursor(&name)
+    })
+    .await?;
+    info!(sink = %name, cursor, "sink started");
+
+    loop {
+        let batch = blocking(&store, move |s| s.read(cursor, window)).await?;
+        let Some(last) = batch.last().map(|s| s.seq) else {
+            // Nothing to send: wait for the pipeline to commit more.
+            if *head.borrow_and_update() > cursor {
+                continue;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                changed = head.changed() => if changed.is_err() { return Ok(()) },
+            }
+            continue;
+        };
+        if let Some(first) = batch.first().filter(|f| f.seq > cursor) {
+            debug!(sink = %name, from = cursor, to = first.seq, "records were dropped before this sink sent them");
+        }
+
+        let epoch = store.epoch().to_string();
+        let mut events: Vec<(u64, Event)> = Vec::with_capacity(batch.len());
+        for stored in batch.iter().filter(|s| s.record.is_for(&name)) {
+            match cloudevent::to_event(&epoch, stored) {
+                Ok(e) => events.push((stored.seq, e)),
+                Err(error) => {
+                    warn!(sink = %name, %error, "dropping a record that is not a valid CloudEvent");
+                    metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "invalid").increment(1);
+                }
+            }
+        }
+
+        // Send the window, then resend from the first failed request until all of it
+        // is accepted or refused.
+        let mut pending: &[(u64, Event)] = &events;
+        while !pending.is_empty() {
+            let chunks: Vec<&[(u64, Event)]> = pending.chunks(per_request).collect();
+            let sends = chunks.iter().map(|c| {
+                let evs: Vec<Event> = c.iter().map(|(_, e)| e.clone()).collect();
+                let sink = &sink;
+                async move { sink.send(&evs).await }
+            });
+            let results = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = join_all(sends) => r,
+            };
+            let mut handled = 0;
+            let mut retry = None;
+            for (chunk, result) in chunks.iter().zip(results) {
+                match result {
+                    Delivery::Accepted => {
+                        metrics::counter!("ferry_sink_sent_total", "sink" => name.clone())
+                            .increment(chunk.len() as u64);
+                    }
+                    Delivery::Rejected { detail } => {
+                        warn!(sink = %name, events = chunk.len(), first_seq = chunk[0].0, %detail, "upstream refused events permanently; dropping them");
+                        metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "rejected").increment(chunk.len() as u64);
+                    }
+                    Delivery::Retry { kind, detail } => {
+                        metrics::counter!("ferry_sink_errors_total", "sink" => name.clone(), "kind" => kind).increment(1);
+                        retry = Some(detail);
+                        break;
+                    }
+                }
+                handled += chunk.len();
+            }
+            pending = &pending[handled..];
+            if let Some(detail) = retry {
+                // Keep what went through, so a restart does not resend it.
+                if let Some((seq, _)) = pending.first() {
+                    if *seq > cursor {
+                        cursor = *seq;
+                        advance(&store, &name, cursor).await?;
+                    }
+                }
+                let delay = backoff.next_delay();
+                if !failing {
+                    warn!(sink = %name, error = %detail, "upstream unavailable; buffering and retrying");
+                    failing = true;
+                } else {
+                    debug!(sink = %name, error = %detail, ?delay, "upstream still unavailable");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            } else if failing {
+                info!(sink = %name, "upstream available again");
+                failing = false;
+            }
+        }
+        backoff.reset();
+        cursor = last + 1;
+        advance(&store, &name, cursor).await?;
+    }
+}
+
+async fn advance(store: &Arc<dyn Store>, name: &str, to: u64) -> Result<(), StoreError> {
+    let name = name.to_string();
+    blocking(store, move |s| s.advance(&name, to)).await
+}
+
+/// Runs a store call off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_statuses_are_accepted() {
+        assert_eq!(classify_status(200), Delivery::Accepted);
+        assert_eq!(classify_status(202), Delivery::Accepted);
+    }
+
+    #[test]
+    fn overload_and_server_errors_are_retried() {
+        for s in [408, 429, 500, 502, 503, 504, 307] {
+            assert!(matches!(classify_status(s), Delivery::Retry { .. }), "{s}");
+        }
+    }
+
+    #[test]
+    fn client_errors_are_refused_permanently() {
+        for s in [400, 401, 403, 404, 413, 422] {
+            assert!(
+                matches!(classify_status(s), Delivery::Rejected { .. }),
+                "{s}"
+            );
+        }
+    }
+}

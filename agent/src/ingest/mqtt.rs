@@ -1,0 +1,417 @@
+//! The MQTT source: subscribes to topic filters on a broker and turns each publish
+//! into an [`Input`].
+//!
+//! QoS 1 readings are acknowledged late: manual acks are on, and the PUBACK is sent
+//! only when the pipeline runs the input's [`Ack`] after the store commit. With
+//! `clean_session = false` the broker keeps everything unacknowledged (and anything
+//! published while the agent is away) and delivers it again on reconnect.
+//!
+//! Three rules from rumqttc's behaviour shape this file:
+//! - acks go through a separate task (`acker`): awaiting `client.ack()` from the task
+//!   that polls the event loop can deadlock; acks are sent in arrival order because
+//!   the pipeline runs them in that order;
+//! - `poll()` after an error reconnects at once, so every error is followed by a
+//!   jittered backoff sleep;
+//! - subscriptions are (re)sent on every ConnAck, since a restarted broker may have
+//!   lost the session.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, Publish, QoS,
+    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Ack, Input, Origin, Payload};
+use crate::backoff::Backoff;
+use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
+use crate::decode::DeviceTemplate;
+
+/// `[[source.mqtt]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// The source's name (in CloudEvents `source`: `/ferry/{agent}/mqtt/{name}`).
+    pub name: String,
+    /// Broker URL: `mqtt://host:port` (default port 1883) or `mqtts://host:port`
+    /// (TLS, default port 8883, verified with the Mozilla root store).
+    pub url: String,
+    /// Topic filters to subscribe to; `+` and `#` wildcards work.
+    pub topics: Vec<String>,
+    /// 0 (at most once) or 1 (at least once: acknowledged after the store commit,
+    /// persistent session). Default 1.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// MQTT client id; must be stable for the broker to keep the session.
+    /// Default `ferry-{agent.id}-{name}`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Username, if the broker wants one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password (trailing newline ignored). Needs `username`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Where the device id comes from: `{topic.N}` (N-th topic segment, from 0),
+    /// `{payload.field}` (a field of the JSON payload, dots for nesting), mixed with
+    /// literal text. Default `{topic.1}` (`sensors/<device>/...`).
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Top-level payload field holding the reading's time (RFC 3339). Taken out of
+    /// the fields when it parses; otherwise the receive time is used. Default `time`.
+    #[serde(default = "default_time_field")]
+    pub time_field: Option<String>,
+    /// Largest payload accepted; larger ones are counted (`oversize`), logged and
+    /// acknowledged so they are not redelivered forever. Default 256KiB. Packets
+    /// over max(4 x this, 1MiB) are refused by the MQTT client itself, which drops
+    /// the connection: keep the broker's own limit (mosquitto `message_size_limit`) below that.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: Bytes,
+    /// MQTT keep-alive interval. Default 30s.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: Dur,
+    /// Reconnect backoff bounds. Default `{ min = "500ms", max = "30s" }`.
+    #[serde(default = "default_reconnect")]
+    pub reconnect: BackoffConfig,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+fn default_device() -> String {
+    "{topic.1}".to_string()
+}
+fn default_time_field() -> Option<String> {
+    Some("time".to_string())
+}
+fn default_max_payload() -> Bytes {
+    Bytes(256 * 1024)
+}
+fn default_keep_alive() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_reconnect() -> BackoffConfig {
+    BackoffConfig::new(Duration::from_millis(500), Duration::from_secs(30))
+}
+
+/// Where to connect, parsed from `url`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Broker {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl MqttSourceConfig {
+    pub fn broker(&self) -> Result<Broker, String> {
+        let u =
+            url::Url::parse(&self.url).map_err(|e| format!("invalid url {:?}: {e}", self.url))?;
+        let tls = match u.scheme() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            s => return Err(format!("url scheme must be mqtt or mqtts, not {s:?}")),
+        };
+        let host = u
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("url {:?} has no host", self.url))?
+            .to_string();
+        Ok(Broker {
+            host,
+            port: u.port().unwrap_or(if tls { 8883 } else { 1883 }),
+            tls,
+        })
+    }
+
+    pub fn validate(&self, i: usize) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let n = &self.name;
+        if let Err(e) = self.broker() {
+            out.push(problem!(["source", "mqtt", i, "url"], "source {n:?}: {e}"));
+        }
+        if self.topics.is_empty() {
+            out.push(problem!(
+                ["source", "mqtt", i, "topics"],
+                "source {n:?}: topics is empty"
+            ));
+        }
+        for (t, topic) in self.topics.iter().enumerate() {
+            if !rumqttc::valid_filter(topic) {
+                out.push(problem!(
+                    ["source", "mqtt", i, "topics", t],
+                    "source {n:?}: {topic:?} is not a valid topic filter"
+                ));
+            }
+        }
+        if self.qos > 1 {
+            out.push(problem!(
+                ["source", "mqtt", i, "qos"],
+                "source {n:?}: qos must be 0 or 1"
+            ));
+        }
+        if let Err(e) = DeviceTemplate::parse(&self.device) {
+            out.push(problem!(
+                ["source", "mqtt", i, "device"],
+                "source {n:?}: {e}"
+            ));
+        }
+        if !(1..=16 * 1024 * 1024).contains(&self.max_payload.0) {
+            out.push(problem!(
+                ["source", "mqtt", i, "max_payload"],
+                "source {n:?}: max_payload must be between 1 byte and 16MiB"
+            ));
+        }
+        if self.client_id.as_deref() == Some("") {
+            out.push(problem!(
+                ["source", "mqtt", i, "client_id"],
+                "source {n:?}: client_id must not be empty"
+            ));
+        }
+        if self.password_file.is_some() && self.username.is_none() {
+            out.push(problem!(
+                ["source", "mqtt", i, "password_file"],
+                "source {n:?}: password_file needs a username"
+            ));
+        }
+        if self.keep_alive.0 < Duration::from_secs(1) {
+            out.push(problem!(
+                ["source", "mqtt", i, "keep_alive"],
+                "source {n:?}: keep_alive must be at least 1s"
+            ));
+        }
+        out.extend(self.reconnect.validate(&[
+            "source".into(),
+            "mqtt".into(),
+            i.into(),
+            "reconnect".into(),
+        ]));
+        out
+    }
+
+    fn qos(&self) -> QoS {
+        if self.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        }
+    }
+
+    /// The hard packet limit of the MQTT client (see `max_payload`).
+    fn max_packet(&self) -> usize {
+        (self.max_payload.0 as usize)
+            .saturating_mul(4)
+            .max(1024 * 1024)
+    }
+}
+
+/// Everything the source task needs, resolved at start-up.
+pub struct MqttSource {
+    pub cfg: MqttSourceConfig,
+    pub client_id: String,
+    pub password: Option<String>,
+    pub origin: Arc<Origin>,
+}
+
+impl MqttSource {
+    fn options(&self) -> Result<MqttOptions, String> {
+        let broker = self.cfg.broker()?;
+        let mut o = MqttOptions::new(&self.client_id, &broker.host, broker.port);
+        o.set_keep_alive(self.cfg.keep_alive.0)
+            // QoS 1 needs the broker to keep the session while we are away; an empty
+            // client id would make rumqttc panic here, which config validation prevents.
+            .set_clean_session(self.cfg.qos == 0)
+            .set_manual_acks(true)
+            .set_max_packet_size(self.cfg.max_packet(), 64 * 1024);
+        if let Some(user) = &self.cfg.username {
+            o.set_credentials(user, self.password.clone().unwrap_or_default());
+        }
+        if broker.tls {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            let tls = rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(tls),
+            )));
+        }
+        Ok(o)
+    }
+
+    /// Runs until `cancel`, then waits (bounded) for the PUBACKs of what the pipeline
+    /// committed, and disconnects.
+    pub async fn run(self, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
+        let name = self.cfg.name.clone();
+        let opts = match self.options() {
+            Ok(o) => o,
+            Err(error) => {
+                // Validation catches this first; never take the other sources down.
+                warn!(source = %name, %error, "cannot start MQTT source");
+                return;
+            }
+        };
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();
+        let mut acker = tokio::spawn(acker(client.clone(), ack_rx));
+        let mut backoff = Backoff::new(self.cfg.reconnect);
+        let filters: Vec<SubscribeFilter> = self
+            .cfg
+            .topics
+            .iter()
+            .map(|t| SubscribeFilter::new(t.clone(), self.cfg.qos()))
+            .collect();
+        info!(source = %name, url = %self.cfg.url, client_id = %self.client_id, "MQTT source starting");
+
+        // `Some` while running; taken at shutdown so the pipeline and the acker can end.
+        let mut running = Some((tx, ack_tx));
+        let mut acks_done = false;
+        let mut connected = false;
+        let grace = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(grace);
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if running.is_some() => {
+                    running = None;
+                    info!(source = %name, "stopping; acknowledging what was committed");
+                    grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(5));
+                }
+                _ = &mut acker, if running.is_none() && !acks_done => {
+                    acks_done = true;
+                    if client.try_disconnect().is_err() || !connected {
+                        break;
+                    }
+                }
+                _ = &mut grace, if running.is_none() => {
+                    warn!(source = %name, "gave up waiting for acknowledgements; the broker will redeliver");
+                    break;
+                }
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        connected = true;
+                        backoff.reset();
+                        info!(source = %name, session_present = ack.session_present, "connected to broker");
+                        if ack.code == ConnectReturnCode::Success && running.is_some() {
+                            if let Err(error) = client.try_subscribe_many(filters.clone()) {
+                                warn!(source = %name, %error, "cannot queue subscription");
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        for (code, topic) in ack.return_codes.iter().zip(&self.cfg.topics) {
+                            if matches!(code, SubscribeReasonCode::Failure) {
+                                warn!(source = %name, %topic, "broker refused the subscription");
+                            } else {
+                                debug!(source = %name, %topic, "subscribed");
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        // While stopping, leave new publishes unacknowledged: the
+                        // broker keeps them for the next session.
+                        let Some((tx, ack_tx)) = &running else { continue };
+                        metrics::counter!("ferry_input_received_total", "source" => name.clone()).increment(1);
+                        let ack: Option<Ack> = (p.qos != QoS::AtMostOnce).then(|| {
+                            let ack_tx = ack_tx.clone();
+                            let p = p.clone();
+                            Box::new(move || {
+                                // The acker ends only after every sender is gone,
+                                // so this send fails only at the very end of shutdown.
+                                let _ = ack_tx.send(p);
+                            }) as Ack
+                        });
+                        let input = Input {
+                            origin: Arc::clone(&self.origin),
+                            payload: Payload::Raw { topic: p.topic.clone(), bytes: p.payload.to_vec() },
+                            received: chrono::Utc::now(),
+                            ack,
+                        };
+                        // Waiting here is the backpressure: we stop reading the socket.
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            r = tx.send(input) => if r.is_err() { running = None },
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                        debug!(source = %name, "disconnect sent");
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        if running.is_none() {
+                            break;
+                        }
+                        if connected {
+                            warn!(source = %name, %error, "lost the broker; reconnecting with backoff");
+                        } else {
+                            debug!(source = %name, %error, "cannot reach the broker yet");
+                        }
+                        connected = false;
+                        let delay = backoff.next_delay();
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                },
+            }
+        }
+        info!(source = %name, "MQTT source stopped");
+    }
+}
+
+/// Sends PUBACKs in the order the pipeline committed the readings.
+async fn acker(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Publish>) {
+    while let Some(p) = rx.recv().await {
+        if let Err(error) = client.ack(&p).await {
+            debug!(%error, "cannot queue PUBACK; the broker will redeliver");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> MqttSourceConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn the_broker_port_defaults_by_scheme() {
+        let c = cfg("name='a'\nurl='mqtt://broker'\ntopics=['x']");
+        assert_eq!(
+            c.broker().unwrap(),
+            Broker {
+                host: "broker".into(),
+                port: 1883,
+                tls: false
+            }
+        );
+        let c = cfg("name='a'\nurl='mqtts://broker'\ntopics=['x']");
+        assert_eq!(c.broker().unwrap().port, 8883);
+    }
+
+    #[test]
+    fn defaults_are_qos1_and_device_from_the_second_topic_segment() {
+        let c = cfg("name='a'\nurl='mqtt://b:1'\ntopics=['x']");
+        assert_eq!(c.qos, 1);
+        assert_eq!(c.device, "{topic.1}");
+        assert!(c.validate(0).is_empty());
+    }
+
+    #[test]
+    fn invalid_settings_are_all_reported() {
+        let c = cfg(
+            "name='a'\nurl='http://b'\ntopics=['a/#/b']\nqos=2\ndevice='{x}'\npassword_file='p'",
+        );
+        let msgs: Vec<String> = c.validate(0).into_iter().map(|p| p.message).collect();
+        assert_eq!(msgs.len(), 5, "{msgs:#?}");
+    }
+}

@@ -1,0 +1,30 @@
+//! ferry: an edge/IoT gateway agent.
+//!
+//! Readings come in from MQTT brokers and other sources, are decoded, run through the
+//! installer's rules, committed to a durable bounded store, and forwarded upstream as
+//! CloudEvents by one task per sink, each with its own cursor into the store.
+//!
+//! # Layout
+//! - [`config`]: the config file, its defaults and its validation.
+//! - [`ingest`]: sources (`mqtt`, `simulator`); each produces [`ingest::Input`]s that
+//!   carry an acknowledgement to run once the input is committed.
+//! - [`decode`]: payload bytes to a [`decode::Reading`] (pure).
+//! - [`rules`]: loads rule files into a `ferry_rules::RuleSet` (evaluation is pure).
+//! - [`store`]: the durable, bounded, ordered buffer behind the [`store::Store`] trait.
+//! - [`forward`]: CloudEvents encoding and the sinks (`http`, `console`) with their
+//!   retry loop.
+//! - [`pipeline`]: wires the stages together with bounded channels and owns shutdown.
+//! - [`backoff`], [`ratelimit`], [`telemetry`]: small shared pieces.
+//!
+//! The invariants the stages keep between them are written in `ARCHITECTURE.md`.
+
+pub mod backoff;
+pub mod config;
+pub mod decode;
+pub mod forward;
+pub mod ingest;
+pub mod pipeline;
+pub mod ratelimit;
+pub mod rules;
+pub mod store;
+pub mod telemetry;

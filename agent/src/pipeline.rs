@@ -1,0 +1,383 @@
+//! The wiring: sources -> commit task (decode, rules, store) -> one task per sink.
+//!
+//! ```text
+//!  sources ──(bounded channel)──> commit task ──> store ──(watch: next seq)──> sinks
+//!     ^                               │
+//!     └──────── acks, in order ───────┘  (after the batch is durable)
+//! ```
+//!
+//! Decode and rule evaluation are pure and cheap, so they run inline in the commit
+//! task: one task owns the input order, which keeps acknowledgements in arrival order
+//! and makes group commit natural (everything that queued during one fsync is the
+//! next batch).
+//!
+//! # Shutdown
+//! On the shutdown token: sources stop taking input and drop their senders; the
+//! commit task drains the channel, commits and acks what was taken, and ends when the
+//! channel closes; MQTT sources wait (bounded) for those acks to go out and
+//! disconnect; only then are sinks stopped. Nothing taken is lost: what was not
+//! committed was not acked, and the broker redelivers it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_rules::{Diagnostic, RuleSet};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::{BackoffConfig, Loaded};
+use crate::decode::{self, DecodeConfig, DecodeError, DeviceTemplate, Reading};
+use crate::forward::{self, console::ConsoleSink, http::HttpSink, Sink};
+use crate::ingest::{mqtt::MqttSource, simulator, Input, Origin, Payload};
+use crate::ratelimit::RateLimit;
+use crate::store::{sled::SledStore, Record, Store, StoreError};
+
+/// Inputs waiting for the commit task. Bounded: a full channel stops the sources.
+const CHANNEL: usize = 4096;
+/// Most inputs committed in one store transaction.
+const BATCH: usize = 1024;
+pub const READING_TYPE: &str = "io.ferry.reading";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store in {dir}: {source}")]
+    Store { dir: PathBuf, source: StoreError },
+    #[error("the rule files have errors:\n{}", join(.0))]
+    Rules(Vec<Diagnostic>),
+    #[error("cannot read {what}: {source}")]
+    Secret {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    HttpSink(#[from] forward::http::HttpSinkError),
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::MetricsError),
+}
+
+fn join(d: &[Diagnostic]) -> String {
+    d.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs the agent until `shutdown` is cancelled, then stops in order.
+pub async fn run(
+    loaded: Loaded,
+    data_dir: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let cfg = &loaded.config;
+    let agent_id = cfg.agent.id.clone();
+    let sink_names = cfg.sink.names();
+
+    if let Some(admin) = &cfg.admin {
+        crate::telemetry::serve_metrics(admin.listen)?;
+        info!(listen = %admin.listen, "metrics at /metrics");
+    }
+
+    let rules = match loaded.rules_dir() {
+        Some(dir) => {
+            let sinks = sink_names.clone();
+            let set = tokio::task::spawn_blocking(move || crate::rules::load_dir(&dir, &sinks))
+                .await
+                .map_err(|e| StartError::Rules(vec![internal(e)]))?
+                .map_err(StartError::Rules)?;
+            info!(rules = set.len(), "rules loaded");
+            set
+        }
+        None => RuleSet::empty(),
+    };
+
+    let store: Arc<dyn Store> = {
+        let (dir, scfg, sinks) = (data_dir.clone(), cfg.store.clone(), sink_names.clone());
+        let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir, &scfg, &sinks))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))
+            .and_then(|r| r);
+        Arc::new(opened.map_err(|source| StartError::Store {
+            dir: data_dir.clone(),
+            source,
+        })?)
+    };
+
+    let mut sinks = Vec::new();
+    for s in &cfg.sink.http {
+        let bearer = s.auth.as_ref().map(|a| loaded.resolve(&a.bearer_file));
+        sinks.push(Sink::Http(HttpSink::new(s, bearer)?));
+    }
+    for s in &cfg.sink.console {
+        sinks.push(Sink::Console(ConsoleSink::new(s)));
+    }
+
+    let (tx, rx) = mpsc::channel::<Input>(CHANNEL);
+    let (head_tx, head_rx) = watch::channel(store.stats().next);
+    let stop_sources = CancellationToken::new();
+    let sources = TaskTracker::new();
+
+    for s in &cfg.source.mqtt {
+        let password = match &s.password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(loaded.resolve(p))
+                    .map_err(|source| StartError::Secret {
+                        what: format!("password_file of source {:?}", s.name),
+                        source,
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let decode = DecodeConfig {
+            // Validated when the config was loaded.
+            device: DeviceTemplate::parse(&s.device)
+                .map_err(|e| StartError::Rules(vec![plain(e)]))?,
+            max_payload: s.max_payload.0 as usize,
+            time_field: s.time_field.clone(),
+        };
+        let source = MqttSource {
+            client_id: s
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("ferry-{agent_id}-{}", s.name)),
+            password,
+            origin: Origin::new(&agent_id, "mqtt", &s.name, decode),
+            cfg: s.clone(),
+        };
+        sources.spawn(source.run(tx.clone(), stop_sources.clone()));
+    }
+    for s in &cfg.source.simulator {
+        let decode = DecodeConfig {
+            device: DeviceTemplate::parse("{topic.0}")
+                .map_err(|e| StartError::Rules(vec![plain(e)]))?,
+            max_payload: usize::MAX,
+            time_field: None,
+        };
+        let origin = Origin::new(&agent_id, "simulator", &s.name, decode);
+        sources.spawn(simulator::run(
+            s.clone(),
+            origin,
+            tx.clone(),
+            stop_sources.clone(),
+        ));
+    }
+    drop(tx);
+    sources.close();
+
+    let commit = Committer {
+        rules,
+        store: Arc::clone(&store),
+        head: head_tx,
+        log_limit: RateLimit::new(10, Duration::from_secs(60)),
+    };
+    let commit_task = tokio::spawn(commit.run(rx, shutdown.clone()));
+
+    let stop_sinks = CancellationToken::new();
+    let sink_tasks = TaskTracker::new();
+    for sink in sinks {
+        let (store, head, stop) = (Arc::clone(&store), head_rx.clone(), stop_sinks.clone());
+        sink_tasks.spawn(async move {
+            let name = sink.name().to_string();
+            if let Err(error) = forward::run_sink(sink, store, head, stop).await {
+                error!(sink = %name, %error, "sink stopped on a store error");
+            }
+        });
+    }
+    sink_tasks.close();
+    info!(agent = %agent_id, "ferry running");
+
+    shutdown.cancelled().await;
+    info!("shutting down: no new input; committing what was taken");
+    stop_sources.cancel();
+    sources.wait().await;
+    if let Err(e) = commit_task.await {
+        error!(error = %e, "commit task failed");
+    }
+    stop_sinks.cancel();
+    sink_tasks.wait().await;
+    let stats = store.stats();
+    info!(
+        records = stats.records,
+        bytes = stats.bytes,
+        "stopped; buffered records are kept for the next start"
+    );
+    Ok(())
+}
+
+fn internal(e: impl std::fmt::Display) -> Diagnostic {
+    plain(format!("internal error: {e}"))
+}
+
+fn plain(message: impl Into<String>) -> Diagnostic {
+    Diagnostic {
+        file: String::new(),
+        line: 0,
+        col: 0,
+        message: message.into(),
+        snippet: String::new(),
+    }
+}
+
+/// Decodes, evaluates and commits inputs in arrival order, then runs their acks.
+struct Committer {
+    rules: RuleSet,
+    store: Arc<dyn Store>,
+    head: watch::Sender<u64>,
+    log_limit: RateLimit,
+}
+
+impl Committer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>, shutdown: CancellationToken) {
+        let mut inputs = Vec::with_capacity(BATCH);
+        while rx.recv_many(&mut inputs, BATCH).await > 0 {
+            let mut records = Vec::with_capacity(inputs.len());
+            let mut acks = Vec::with_capacity(inputs.len());
+            for input in inputs.drain(..) {
+                self.process(&input.origin, input.payload, input.received, &mut records);
+                acks.extend(input.ack);
+            }
+            if !records.is_empty() && !self.commit(records, &shutdown).await {
+                // Shutting down with a batch that could not be stored: its inputs stay
+                // unacknowledged, so the producers still have them.
+                warn!(
+                    inputs = acks.len(),
+                    "stopped before this batch could be committed; it was not acknowledged"
+                );
+                return;
+            }
+            for ack in acks {
+                ack();
+            }
+        }
+    }
+
+    fn process(
+        &mut self,
+        origin: &Origin,
+        payload: Payload,
+        received: chrono::DateTime<chrono::Utc>,
+        out: &mut Vec<Record>,
+    ) {
+        let reading = match payload {
+            Payload::Fields { device, fields } => Ok(Reading {
+                device,
+                time: received,
+                fields,
+            }),
+            Payload::Raw { topic, bytes } => {
+                decode::decode_json(&origin.decode, &topic, &bytes, received)
+            }
+        };
+        let reading = match reading {
+            Ok(r) => r,
+            Err(e) => return self.rejected(origin, &e),
+        };
+        let outcome = self.rules.evaluate(&ferry_rules::Reading {
+            source: &origin.name,
+            device: &reading.device,
+            time: reading.time,
+            fields: &reading.fields,
+        });
+        for e in &outcome.errors {
+            metrics::counter!("ferry_rule_errors_total", "rule" => e.rule.clone()).increment(1);
+            if let Some(suppressed) = self.log_limit.check(Instant::now()) {
+                warn!(rule = %e.rule, device = %reading.device, error = %e.message, suppressed, "rule evaluation failed");
+            }
+        }
+        let alerts = outcome.alerts.into_iter().map(|a| {
+            let mut ext = BTreeMap::new();
+            ext.insert("rule".to_string(), a.rule);
+            if let Some(s) = a.severity {
+                ext.insert("severity".to_string(), s);
+            }
+            Record {
+                source: origin.uri.clone(),
+                event_type: a.event_type,
+                subject: reading.device.clone(),
+                time: reading.time,
+                data: a.data,
+                ext,
+                to: a.to,
+            }
+        });
+        let alerts: Vec<Record> = alerts.collect();
+        if outcome.forward {
+            out.push(Record {
+                source: origin.uri.clone(),
+                event_type: READING_TYPE.to_string(),
+                subject: reading.device,
+                time: reading.time,
+                data: Value::Object(reading.fields),
+                ext: BTreeMap::new(),
+                to: None,
+            });
+        }
+        out.extend(alerts);
+    }
+
+    fn rejected(&mut self, origin: &Origin, e: &DecodeError) {
+        metrics::counter!("ferry_input_rejected_total", "source" => origin.name.clone(), "reason" => e.reason()).increment(1);
+        if let Some(suppressed) = self.log_limit.check(Instant::now()) {
+            warn!(source = %origin.name, reason = e.reason(), error = %e, suppressed, "input rejected");
+        }
+    }
+
+    /// Commits until it works; `false` only if shutdown came first.
+    async fn commit(&mut self, records: Vec<Record>, shutdown: &CancellationToken) -> bool {
+        let records = Arc::new(records);
+        let mut backoff = Backoff::new(BackoffConfig::new(
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+        ));
+        let mut reported = false;
+        loop {
+            let batch = Arc::clone(&records);
+            match forward::blocking(&self.store, move |s| s.append(&batch)).await {
+                Ok(appended) => {
+                    metrics::counter!("ferry_store_committed_total")
+                        .increment(records.len() as u64);
+                    if appended.dropped > 0 {
+                        metrics::counter!("ferry_store_dropped_total", "reason" => "store_full")
+                            .increment(appended.dropped);
+                        if let Some(suppressed) = self.log_limit.check(Instant::now()) {
+                            warn!(
+                                dropped = appended.dropped,
+                                suppressed, "store full: dropped the oldest records"
+                            );
+                        }
+                    }
+                    if reported {
+                        info!("store accepting input again");
+                    }
+                    self.head
+                        .send_replace(appended.first + records.len() as u64);
+                    return true;
+                }
+                Err(error) => {
+                    if !reported {
+                        match &error {
+                            StoreError::Full { .. } => {
+                                warn!(%error, "store full: holding input (not acknowledging) until sinks catch up")
+                            }
+                            _ => {
+                                error!(%error, "cannot commit to the store; holding input and retrying")
+                            }
+                        }
+                        reported = true;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The store: a durable, bounded, ordered buffer between the rules and the sinks.
+//!
+//! Records get consecutive sequence numbers at commit. Each sink has a cursor (the
+//! next sequence it has not had accepted upstream); a record is removed only when
+//! every sink's cursor has passed it, or when the size bound forces the configured
+//! policy, and every such drop is counted.
+//!
+//! The [`Store`] trait is deliberately narrow (append a batch, read from a cursor,
+//! advance a cursor) so a backend can be swapped on measured figures. The decisions
+//! (does a batch fit, what to trim) are pure functions in this file; backends only
+//! do the I/O. [`sled`] is the backend today.
+
+pub mod sled;
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{problem, Bytes, Problem};
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Upper bound on the bytes of stored records (payloads as stored, not the
+    /// files on disk, which sled makes larger: see docs/BENCHMARKS.md). Default 256MiB.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: Bytes,
+    /// What happens when a new batch would exceed `max_bytes`: `drop_oldest` removes
+    /// the oldest records (counted as `store_full`); `reject_new` stops accepting
+    /// input (and so stops acknowledging it) until sinks make room. Default `drop_oldest`.
+    #[serde(default)]
+    pub when_full: WhenFull,
+    /// Memory sled may use for its page cache. Default 16MiB.
+    #[serde(default = "default_cache")]
+    pub cache_capacity: Bytes,
+}
+
+fn default_max_bytes() -> Bytes {
+    Bytes(256 * 1024 * 1024)
+}
+
+fn default_cache() -> Bytes {
+    Bytes(16 * 1024 * 1024)
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_max_bytes(),
+            when_full: WhenFull::default(),
+            cache_capacity: default_cache(),
+        }
+    }
+}
+
+impl StoreConfig {
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if self.max_bytes.0 < 1024 * 1024 {
+            out.push(problem!(
+                ["store", "max_bytes"],
+                "store.max_bytes must be at least 1MiB"
+            ));
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    #[default]
+    DropOldest,
+    RejectNew,
+}
+
+/// One stored event, everything a sink needs to build the CloudEvent except the id
+/// and sequence, which come from the store position (so they are stable across
+/// retries and restarts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// CloudEvents `source`.
+    pub source: String,
+    /// CloudEvents `type`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// CloudEvents `subject`: the device id.
+    pub subject: String,
+    /// CloudEvents `time`.
+    pub time: DateTime<Utc>,
+    /// CloudEvents `data` (JSON).
+    pub data: Value,
+    /// Extra CloudEvents extensions (`rule`, `severity`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ext: BTreeMap<String, String>,
+    /// Only these sinks get the record; `None` means every sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<String>>,
+}
+
+impl Record {
+    pub fn is_for(&self, sink: &str) -> bool {
+        self.to
+            .as_ref()
+            .is_none_or(|to| to.iter().any(|s| s == sink))
+    }
+}
+
+/// A record with its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub seq: u64,
+    pub record: Record,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store is full ({used} of {max} bytes) and store.when_full = reject_new")]
+    Full { used: u64, max: u64 },
+    #[error("storage error: {0}")]
+    Backend(String),
+    #[error("a stored record cannot be read: {0}")]
+    Corrupt(String),
+}
+
+/// What an append did besides storing the batch.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Appended {
+    /// Sequence of the first record of the batch.
+    pub first: u64,
+    /// Records removed to make room (`drop_oldest`).
+    pub dropped: u64,
+}
+
+/// Size and position of what is stored.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub records: u64,
+    pub bytes: u64,
+    /// Oldest stored sequence (== `next` when empty).
+    pub head: u64,
+    /// The sequence the next record will get.
+    pub next: u64,
+}
+
+/// The storage backend. Calls block (sled is synchronous): call them from
+/// `spawn_blocking` or a blocking-tolerant context.
+pub trait Store: Send + Sync + 'static {
+    /// Commits a batch durably (fsync) and returns its first sequence. Under
+    /// `drop_oldest` old records may be removed to make room; under `reject_new`
+    /// returns [`StoreError::Full`] instead.
+    fn append(&self, records: &[Record]) -> Result<Appended, StoreError>;
+    /// Up to `max` records from sequence `from` on, in order.
+    fn read(&self, from: u64, max: usize) -> Result<Vec<Stored>, StoreError>;
+    /// The sink's cursor: the next sequence it needs.
+    fn cursor(&self, sink: &str) -> Result<u64, StoreError>;
+    /// Moves the sink's cursor to `to` and removes records every sink has passed.
+    fn advance(&self, sink: &str, to: u64) -> Result<(), StoreError>;
+    /// Current size and positions.
+    fn stats(&self) -> Stats;
+    /// A value fixed when the store was created; part of every event id so ids stay
+    /// unique if the store is ever recreated.
+    fn epoch(&self) -> &str;
+}
+
+/// How much must go for `incoming` bytes to fit: 0 when it fits.
+pub fn overflow(used: u64, incoming: u64, max: u64) -> u64 {
+    (used + incoming).saturating_sub(max)
+}
+
+/// Everything below the slowest cursor can go. Cursors below `head` (a sink that fell
+/// behind a `drop_oldest`) count as `head`.
+pub fn trim_point(cursors: impl IntoIterator<Item = u64>, head: u64, next: u64) -> u64 {
+    cursors
+        .into_iter()
+        .map(|c| c.clamp(head, next))
+        .min()
+        .unwrap_or(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_that_fits_needs_no_room() {
+        assert_eq!(overflow(10, 20, 100), 0);
+        assert_eq!(overflow(80, 20, 100), 0);
+    }
+
+    #[test]
+    fn a_batch_that_does_not_fit_needs_exactly_the_excess() {
+        assert_eq!(overflow(90, 20, 100), 10);
+    }
+
+    #[test]
+    fn the_slowest_sink_decides_what_is_trimmed() {
+        assert_eq!(trim_point([7, 3, 9], 0, 10), 3);
+    }
+
+    #[test]
+    fn without_sinks_nothing_is_kept() {
+        assert_eq!(trim_point([], 4, 10), 10);
+    }
+
+    #[test]
+    fn a_sink_behind_the_head_does_not_hold_back_trimming() {
+        assert_eq!(trim_point([1, 8], 5, 10), 5);
+    }
+
+    #[test]
+    fn a_record_with_a_target_list_is_only_for_those_sinks() {
+        let mut r = Record {
+            source: "/s".into(),
+            event_type: "t".into(),
+            subject: "d".into(),
+            time: Utc::now(),
+            data: Value::Null,
+            ext: BTreeMap::new(),
+            to: None,
+        };
+        assert!(r.is_for("cloud"));
+        r.to = Some(vec!["phone".into()]);
+        assert!(!r.is_for("cloud"));
+        assert!(r.is_for("phone"));
+    }
+}

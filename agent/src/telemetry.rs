@@ -1,0 +1,84 @@
+//! Logs and metrics set-up.
+//!
+//! Logs go to stderr (stdout belongs to the console sink), as text or JSON lines,
+//! filtered by `RUST_LOG` (default `info`). Metrics are Prometheus counters served on
+//! the `[admin] listen` address; without it the counters cost next to nothing and no
+//! port is opened.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+pub fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {reason}")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    reason: String,
+}
+
+/// Serves `GET /metrics` on `addr`. Must run inside the tokio runtime.
+pub fn serve_metrics(addr: SocketAddr) -> Result<(), MetricsError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| MetricsError {
+            addr,
+            reason: e.to_string(),
+        })?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::describe_counter as d;
+    d!("ferry_input_received_total", "Inputs received, by source.");
+    d!(
+        "ferry_input_rejected_total",
+        "Inputs refused as bad, by source and reason."
+    );
+    d!(
+        "ferry_store_committed_total",
+        "Records committed to the store."
+    );
+    d!(
+        "ferry_store_dropped_total",
+        "Records the store dropped, by reason."
+    );
+    d!(
+        "ferry_sink_sent_total",
+        "Events accepted upstream, by sink."
+    );
+    d!(
+        "ferry_sink_errors_total",
+        "Failed requests that will be retried, by sink and kind."
+    );
+    d!(
+        "ferry_sink_dropped_total",
+        "Events a sink gave up on, by sink and reason."
+    );
+    d!(
+        "ferry_rule_errors_total",
+        "Rule evaluation errors, by rule."
+    );
+}

@@ -1,0 +1,120 @@
+//! Bad input (malformed JSON, JSON that is not an object, a payload over
+//! `max_payload`) is counted by reason and logged; it never stops the agent nor the
+//! good readings that follow it.
+
+mod support;
+
+use serde_json::json;
+use support::*;
+
+/// One bad message: where it is published, what it is, and what must be said of it.
+struct Bad {
+    topic: &'static str,
+    payload: Vec<u8>,
+    reason: &'static str,
+    /// Words of which the log line about it must contain one (lower-case).
+    words: &'static [&'static str],
+}
+
+fn bad_messages() -> Vec<Bad> {
+    // A well-formed object, just too big for max_payload = "2KiB".
+    let huge = json!({"temperature": 21.5, "seq": 999, "padding": "x".repeat(4096)}).to_string();
+    vec![
+        Bad {
+            topic: "sensors/broken-json/telemetry",
+            payload: br#"{"temperature": 21.5, "seq": "#.to_vec(),
+            reason: "malformed",
+            words: &["malformed", "not valid json", "invalid json"],
+        },
+        Bad {
+            topic: "sensors/json-array/telemetry",
+            payload: b"[21.5, 22.0]".to_vec(),
+            reason: "not_an_object",
+            words: &["not_an_object", "not an object"],
+        },
+        Bad {
+            topic: "sensors/huge/telemetry",
+            payload: huge.into_bytes(),
+            reason: "oversize",
+            words: &["oversize", "too large", "too big", "exceeds", "max_payload"],
+        },
+    ]
+}
+
+#[test]
+fn bad_payloads_are_counted_and_logged_and_good_readings_still_arrive() {
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    let mut config = TestConfig::new("gw-bad", &broker).http(&receiver.url(), "binary");
+    config.max_payload = Some("2KiB".to_string());
+    let mut agent = Agent::start(&config.toml(), &[]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+
+    let good = |seq: u64| json!({"temperature": 20 + seq, "seq": seq}).to_string();
+    let bad = bad_messages();
+    // good, bad, good, bad, good, bad, good
+    broker.publish("sensors/good/telemetry", good(0), 1);
+    for (i, b) in bad.iter().enumerate() {
+        broker.publish(b.topic, &b.payload, 1);
+        broker.publish("sensors/good/telemetry", good(i as u64 + 1), 1);
+    }
+
+    let readings = agent.eventually("the good readings to arrive", |_| {
+        let r = receiver.readings();
+        if r.len() >= 4 {
+            Ok(r)
+        } else {
+            Err(format!("{} readings delivered", r.len()))
+        }
+    });
+    let subjects: Vec<Option<&str>> = readings.iter().map(|e| e.subject.as_deref()).collect();
+    assert_eq!(
+        subjects,
+        vec![Some("good"); 4],
+        "only the good readings are forwarded"
+    );
+    let seqs: Vec<Option<u64>> = readings.iter().map(|e| e.seq()).collect();
+    assert_eq!(seqs, vec![Some(0), Some(1), Some(2), Some(3)]);
+
+    for b in &bad {
+        let labels = [("source", "local"), ("reason", b.reason)];
+        let m = agent.wait_for_metric("ferry_input_rejected_total", &labels, 1.0);
+        assert_eq!(
+            m.value("ferry_input_rejected_total", &labels),
+            1.0,
+            "exactly one {} rejection: {}",
+            b.reason,
+            m.ferry_lines()
+        );
+        // The log line names the source and says why (its topic would help too,
+        // but is not required).
+        agent.eventually(&format!("a log line about the {} payload", b.reason), |a| {
+            let stderr = a.stderr();
+            let logged = stderr.lines().any(|l| {
+                let l = l.to_lowercase();
+                l.contains("local") && b.words.iter().any(|w| l.contains(w))
+            });
+            if logged {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no stderr line names source `local` and says one of {:?}",
+                    b.words
+                ))
+            }
+        });
+    }
+    let m = agent.metrics();
+    assert_eq!(
+        m.value("ferry_input_rejected_total", &[("source", "local")]),
+        3.0,
+        "three rejections in all: {}",
+        m.ferry_lines()
+    );
+
+    // Still running and still taking input.
+    broker.publish("sensors/good/telemetry", good(4), 1);
+    receiver.wait_for_reading("good", 4);
+    agent.assert_running();
+    assert!(agent.stop().success(), "ferry must exit 0 on SIGTERM");
+}
