@@ -34,6 +34,8 @@ pub enum DecodeError {
     NotAnObject,
     #[error("no device id: {0}")]
     NoDevice(String),
+    #[error("this source sends no payloads to decode")]
+    Undecodable,
 }
 
 impl DecodeError {
@@ -44,6 +46,7 @@ impl DecodeError {
             DecodeError::Malformed(_) => "malformed",
             DecodeError::NotAnObject => "not_an_object",
             DecodeError::NoDevice(_) => "no_device",
+            DecodeError::Undecodable => "undecodable",
         }
     }
 }

@@ -55,6 +55,13 @@ pub enum StartError {
         what: String,
         source: std::io::Error,
     },
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("source {source_name:?}: {message}")]
+    Source {
+        source_name: String,
+        message: String,
+    },
     #[error(transparent)]
     HttpSink(#[from] forward::http::HttpSinkError),
     #[error(transparent)]
@@ -88,7 +95,7 @@ pub async fn run(
             let sinks = sink_names.clone();
             let set = tokio::task::spawn_blocking(move || crate::rules::load_dir(&dir, &sinks))
                 .await
-                .map_err(|e| StartError::Rules(vec![internal(e)]))?
+                .map_err(|e| StartError::Internal(format!("rule loading failed: {e}")))?
                 .map_err(StartError::Rules)?;
             info!(rules = set.len(), "rules loaded");
             set
@@ -136,9 +143,10 @@ pub async fn run(
             None => None,
         };
         let decode = DecodeConfig {
-            // Validated when the config was loaded.
-            device: DeviceTemplate::parse(&s.device)
-                .map_err(|e| StartError::Rules(vec![plain(e)]))?,
+            device: DeviceTemplate::parse(&s.device).map_err(|message| StartError::Source {
+                source_name: s.name.clone(),
+                message,
+            })?,
             max_payload: s.max_payload.0 as usize,
             time_field: s.time_field.clone(),
         };
@@ -148,19 +156,13 @@ pub async fn run(
                 .clone()
                 .unwrap_or_else(|| format!("ferry-{agent_id}-{}", s.name)),
             password,
-            origin: Origin::new(&agent_id, "mqtt", &s.name, decode),
+            origin: Origin::new(&agent_id, "mqtt", &s.name, Some(decode)),
             cfg: s.clone(),
         };
         sources.spawn(source.run(tx.clone(), stop_sources.clone()));
     }
     for s in &cfg.source.simulator {
-        let decode = DecodeConfig {
-            device: DeviceTemplate::parse("{topic.0}")
-                .map_err(|e| StartError::Rules(vec![plain(e)]))?,
-            max_payload: usize::MAX,
-            time_field: None,
-        };
-        let origin = Origin::new(&agent_id, "simulator", &s.name, decode);
+        let origin = Origin::new(&agent_id, "simulator", &s.name, None);
         sources.spawn(simulator::run(
             s.clone(),
             origin,
@@ -211,20 +213,6 @@ pub async fn run(
     Ok(())
 }
 
-fn internal(e: impl std::fmt::Display) -> Diagnostic {
-    plain(format!("internal error: {e}"))
-}
-
-fn plain(message: impl Into<String>) -> Diagnostic {
-    Diagnostic {
-        file: String::new(),
-        line: 0,
-        col: 0,
-        message: message.into(),
-        snippet: String::new(),
-    }
-}
-
 /// Decodes, evaluates and commits inputs in arrival order, then runs their acks.
 struct Committer {
     rules: RuleSet,
@@ -266,18 +254,21 @@ impl Committer {
         out: &mut Vec<Record>,
     ) {
         let reading = match payload {
-            Payload::Fields { device, fields } => Ok(Reading {
+            Payload::Fields { device, fields } => Reading {
                 device,
                 time: received,
                 fields,
-            }),
+            },
             Payload::Raw { topic, bytes } => {
-                decode::decode_json(&origin.decode, &topic, &bytes, received)
+                let decoded = match &origin.decode {
+                    Some(cfg) => decode::decode_json(cfg, &topic, &bytes, received),
+                    None => Err(DecodeError::Undecodable),
+                };
+                match decoded {
+                    Ok(r) => r,
+                    Err(e) => return self.rejected(origin, &topic, &e),
+                }
             }
-        };
-        let reading = match reading {
-            Ok(r) => r,
-            Err(e) => return self.rejected(origin, &e),
         };
         let outcome = self.rules.evaluate(&ferry_rules::Reading {
             source: &origin.name,
@@ -322,10 +313,10 @@ impl Committer {
         out.extend(alerts);
     }
 
-    fn rejected(&mut self, origin: &Origin, e: &DecodeError) {
+    fn rejected(&mut self, origin: &Origin, topic: &str, e: &DecodeError) {
         metrics::counter!("ferry_input_rejected_total", "source" => origin.name.clone(), "reason" => e.reason()).increment(1);
         if let Some(suppressed) = self.log_limit.check(Instant::now()) {
-            warn!(source = %origin.name, reason = e.reason(), error = %e, suppressed, "input rejected");
+            warn!(source = %origin.name, %topic, reason = e.reason(), error = %e, suppressed, "input rejected");
         }
     }
 

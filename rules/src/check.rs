@@ -7,6 +7,7 @@ use crate::glob::Glob;
 use crate::rule::{Emit, Matcher, Rule, Trigger};
 use crate::toml_string::StringMap;
 use cel::Env;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use toml::Spanned;
 
@@ -86,15 +87,17 @@ impl Checker<'_> {
         if id.trim().is_empty() {
             errors.push((def.id.span().start, "`id` is empty".into()));
         } else {
-            let here = Diagnostic::at(&source.name, text, def.id.span().start, "");
-            let place = format!("{}:{}:{}", here.file, here.line, here.col);
-            match self.ids.get(id) {
-                Some(first) => errors.push((
+            match self.ids.entry(id.clone()) {
+                Entry::Occupied(first) => errors.push((
                     def.id.span().start,
-                    format!("duplicate rule id `{id}`; it is first used at {first}"),
+                    format!(
+                        "duplicate rule id `{id}`; it is first used at {}",
+                        first.get()
+                    ),
                 )),
-                None => {
-                    self.ids.insert(id.clone(), place);
+                Entry::Vacant(slot) => {
+                    let here = Diagnostic::at(&source.name, text, def.id.span().start, "");
+                    slot.insert(format!("{}:{}:{}", here.file, here.line, here.col));
                 }
             }
         }

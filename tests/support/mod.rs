@@ -638,7 +638,7 @@ pub struct Event {
     pub datacontenttype: Option<String>,
     /// The `sequence` extension as a number, if it parses as one.
     pub sequence: Option<u64>,
-    /// Every extension, as text, with whether it was a JSON string.
+    /// Every extension, as text.
     pub extensions: BTreeMap<String, String>,
     /// Whether `sequence` was carried as a string (the contract says decimal string).
     pub sequence_is_string: bool,
@@ -1034,6 +1034,11 @@ impl Agent {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// The running agent's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn stderr(&self) -> String {

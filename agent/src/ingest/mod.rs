@@ -26,12 +26,13 @@ pub struct Origin {
     pub name: String,
     /// The CloudEvents `source` attribute: `/ferry/{agent}/{kind}/{name}`.
     pub uri: String,
-    /// How raw payloads from this source are decoded.
-    pub decode: DecodeConfig,
+    /// How raw payloads from this source are decoded; `None` for sources that
+    /// build readings themselves.
+    pub decode: Option<DecodeConfig>,
 }
 
 impl Origin {
-    pub fn new(agent: &str, kind: &str, name: &str, decode: DecodeConfig) -> Arc<Self> {
+    pub fn new(agent: &str, kind: &str, name: &str, decode: Option<DecodeConfig>) -> Arc<Self> {
         Arc::new(Self {
             name: name.to_string(),
             uri: format!("/ferry/{agent}/{kind}/{name}"),

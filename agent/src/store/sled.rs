@@ -397,7 +397,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        assert!(accepted >= 3 && accepted < 10, "{accepted}");
+        assert!((3..10).contains(&accepted), "{accepted}");
         // Once the sink catches up there is room again.
         s.advance("a", accepted).unwrap();
         s.append(&[record(99, 1000)]).unwrap();

@@ -1,0 +1,286 @@
+//! Garbage in, diagnostics out: random rule files and expressions never make
+//! `compile` or `evaluate` panic. Deterministic (a fixed-seed xorshift), so a failure
+//! reproduces; `cargo fuzz` can take this further later.
+
+use ferry_rules::{CheckOptions, Reading, RuleSet, SourceFile};
+use serde_json::json;
+
+/// xorshift64*: small, deterministic, good enough to shuffle test input.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+}
+
+const VALID: &str = r#"# a rule file
+[[rule]]
+id = "freezer-warm"
+description = "é ü"
+match = { device = "freezer-*", source = "local" }
+when = "temperature > -15 && door == 'open'"
+emit = { type = "com.acme.freezer.warm", severity = "critical", to = ["cloud"] }
+
+[[rule]]
+id = "bp"
+when = '''
+  bp.systolic > 140 ||
+  bp["diastolic"] > 90.5
+'''
+[rule.emit]
+type = "com.clinic.bp.high"
+"#;
+
+/// Tokens that make up plausible (and implausible) CEL.
+const CEL: &[&str] = &[
+    "temperature",
+    "door",
+    "bp",
+    ".systolic",
+    "['diastolic']",
+    "device",
+    "source",
+    "zones",
+    "missing",
+    " ",
+    "1",
+    "-15",
+    "30.5",
+    "2u",
+    "'open'",
+    "\"x\"",
+    "r'\\d'",
+    "b'\\x00'",
+    "'''a'''",
+    "true",
+    "null",
+    ">",
+    "<",
+    "==",
+    "!=",
+    ">=",
+    "&&",
+    "||",
+    "!",
+    "-",
+    "+",
+    "*",
+    "/",
+    "%",
+    "?",
+    ":",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    ".",
+    "in",
+    "has(",
+    "size(",
+    ".exists(z, ",
+    "z",
+    ".map(z, ",
+    ".all(z, ",
+    "int(",
+    "double(",
+    "string(",
+    "//",
+    "\n",
+    "é",
+    "`",
+    "\\",
+    "'",
+    "\"",
+    ".?",
+    "[?",
+    "optional.of(",
+    ".orValue(",
+    "0x7fffffffffffffff",
+    "1e308",
+    "9223372036854775808",
+];
+
+/// Half token soup, half grammatical expressions (so that many compile and get
+/// evaluated).
+fn random_expression(rng: &mut Rng) -> String {
+    if rng.below(2) == 0 {
+        let len = rng.below(40);
+        (0..len).map(|_| rng.pick(CEL)).collect()
+    } else {
+        grammatical(rng, 6)
+    }
+}
+
+fn grammatical(rng: &mut Rng, depth: usize) -> String {
+    const ATOMS: &[&str] = &[
+        "temperature",
+        "door",
+        "bp",
+        "bp.systolic",
+        "bp['diastolic']",
+        "device",
+        "zones",
+        "missing",
+        "1",
+        "-15",
+        "30.5",
+        "2u",
+        "'open'",
+        "true",
+        "null",
+        "[1, 2.5]",
+        "{'a': 1}",
+    ];
+    if depth == 0 || rng.below(3) == 0 {
+        return rng.pick(ATOMS).to_owned();
+    }
+    let a = grammatical(rng, depth - 1);
+    let b = grammatical(rng, depth - 1);
+    match rng.below(8) {
+        0 => format!("({a})"),
+        1 => format!("!{a}"),
+        2 => format!("-{a}"),
+        3 => format!("{a} ? {b} : {a}"),
+        4 => format!("size({a})"),
+        5 => format!("{a}.exists(z, z {} {b})", rng.pick(&[">", "==", "in"])),
+        6 => format!("{a} in {b}"),
+        _ => {
+            let ops = [
+                "<", ">", "==", "!=", ">=", "&&", "||", "+", "-", "*", "/", "%",
+            ];
+            format!("{a} {} {b}", rng.pick(&ops))
+        }
+    }
+}
+
+/// `VALID` with a few bytes deleted, duplicated or replaced (at char boundaries).
+fn mutated(rng: &mut Rng) -> String {
+    let mut chars: Vec<char> = VALID.chars().collect();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(chars.len());
+        match rng.below(3) {
+            0 => {
+                chars.remove(at);
+            }
+            1 => {
+                let c = chars[at];
+                chars.insert(at, c);
+            }
+            _ => {
+                let junk = [
+                    '"', '\'', '[', ']', '{', '}', '=', '\n', ',', '#', '\\', 'x', '.',
+                ];
+                chars[at] = junk[rng.below(junk.len())];
+            }
+        }
+    }
+    chars.into_iter().collect()
+}
+
+fn evaluate_all(rules: &mut RuleSet) {
+    let readings = [
+        json!({"temperature": 31, "door": "open", "bp": {"systolic": 150, "diastolic": 80}}),
+        json!({"temperature": -20.5, "zones": [1, 2.5, "x", null], "device": 3}),
+        json!({"bp": [], "door": {"a": {"b": true}}}),
+        json!({}),
+    ];
+    for fields in &readings {
+        let Some(fields) = fields.as_object() else {
+            continue;
+        };
+        for device in ["freezer-1", "", "é"] {
+            let outcome = rules.evaluate(&Reading {
+                source: "local",
+                device,
+                time: chrono::DateTime::UNIX_EPOCH,
+                fields,
+            });
+            assert!(outcome.forward);
+        }
+    }
+}
+
+#[test]
+fn random_expressions_never_panic_compile_or_evaluate() {
+    let mut rng = Rng(0x5eed_f00d_dead_beef);
+    let mut compiled = 0;
+    for _ in 0..40 {
+        let mut text = String::new();
+        for i in 0..25 {
+            let expr = random_expression(&mut rng);
+            let quoted = format!("{expr:?}");
+            text.push_str(&format!(
+                "[[rule]]\nid = \"r{i}\"\nwhen = {quoted}\nemit = {{ type = \"t\" }}\n\n"
+            ));
+        }
+        let files = [SourceFile {
+            name: "random.toml".into(),
+            text,
+        }];
+        match RuleSet::compile(&files, &CheckOptions::default()) {
+            Ok(mut rules) => evaluate_all(&mut rules),
+            Err(diagnostics) => assert!(diagnostics.iter().all(|d| d.line >= 1 && d.col >= 1)),
+        }
+        // Each expression alone, so the ones that compile get evaluated.
+        for i in 0..25 {
+            let expr = random_expression(&mut rng);
+            let text =
+                format!("[[rule]]\nid = \"r{i}\"\nwhen = {expr:?}\nemit = {{ type = \"t\" }}\n");
+            let files = [SourceFile {
+                name: "one.toml".into(),
+                text,
+            }];
+            if let Ok(mut rules) = RuleSet::compile(&files, &CheckOptions::default()) {
+                evaluate_all(&mut rules);
+                compiled += 1;
+            }
+        }
+    }
+    // Enough of them were valid for evaluation to have been exercised.
+    assert!(compiled > 200, "only {compiled} of 1000 compiled");
+}
+
+#[test]
+fn mutated_rule_files_never_panic_and_point_inside_the_file() {
+    let mut rng = Rng(0x0123_4567_89ab_cdef);
+    for _ in 0..300 {
+        let text = mutated(&mut rng);
+        let lines = text.lines().count().max(1);
+        let files = [
+            SourceFile {
+                name: "mutated.toml".into(),
+                text: text.clone(),
+            },
+            SourceFile {
+                name: "valid.toml".into(),
+                text: VALID
+                    .replace("freezer-warm", "other")
+                    .replace("\"bp\"", "\"bp2\""),
+            },
+        ];
+        match RuleSet::compile(&files, &CheckOptions::default()) {
+            Ok(mut rules) => evaluate_all(&mut rules),
+            Err(diagnostics) => {
+                for d in diagnostics {
+                    assert!(d.line >= 1 && d.line <= lines + 1, "{d}\n---\n{text}");
+                    assert!(d.col >= 1 && d.col <= d.snippet.chars().count() + 1, "{d}");
+                }
+            }
+        }
+    }
+}
