@@ -1,6 +1,7 @@
 //! While the upstream is down (connection refused, then 503), readings keep being
 //! accepted and buffered; once it recovers every one is delivered, in order, and
-//! each retry carried the same CloudEvents `source` + `id`.
+//! each retry carried the same CloudEvents `source` + `id`. An event the upstream
+//! refuses for good (4xx) is dropped and counted, and costs only itself.
 
 mod support;
 
@@ -92,6 +93,49 @@ fn readings_are_buffered_while_upstream_is_down_and_delivered_in_order_after() {
     assert!(
         m.value("ferry_sink_sent_total", &[("sink", "cloud")]) >= 60.0,
         "{}",
+        m.ferry_lines()
+    );
+    assert!(agent.stop().success(), "ferry must exit 0 on SIGTERM");
+}
+
+#[test]
+fn an_event_the_upstream_refuses_for_good_is_dropped_and_counted_and_the_rest_of_its_batch_arrives()
+{
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    receiver.refuse_containing("\"poison\"", 400);
+    let mut config = TestConfig::new("gw-refusal", &broker).http(&receiver.url(), "batch");
+    config.batch_max = 10;
+    let mut agent = Agent::start(&config.toml(), &[]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+
+    let mut payloads = lines(0..20);
+    payloads[7] = json!({"seq": 7, "poison": true}).to_string();
+    broker.publish_lines(TOPIC, &payloads, 1);
+
+    let readings = agent.eventually("the 19 good readings to be delivered", |_| {
+        let r = receiver.readings();
+        if r.len() >= 19 {
+            Ok(r)
+        } else {
+            Err(format!("{} delivered", r.len()))
+        }
+    });
+    let delivered: Vec<u64> = readings.iter().filter_map(|e| e.seq()).collect();
+    let expected: Vec<u64> = (0..20).filter(|i| *i != 7).collect();
+    assert_eq!(delivered, expected, "every good reading once, in order");
+    let m = agent.wait_for_metric(
+        "ferry_sink_dropped_total",
+        &[("sink", "cloud"), ("reason", "rejected")],
+        1.0,
+    );
+    assert_eq!(
+        m.value(
+            "ferry_sink_dropped_total",
+            &[("sink", "cloud"), ("reason", "rejected")]
+        ),
+        1.0,
+        "only the refused event is dropped: {}",
         m.ferry_lines()
     );
     assert!(agent.stop().success(), "ferry must exit 0 on SIGTERM");

@@ -185,12 +185,7 @@ pub async fn run(
     let sink_tasks = TaskTracker::new();
     for sink in sinks {
         let (store, head, stop) = (Arc::clone(&store), head_rx.clone(), stop_sinks.clone());
-        sink_tasks.spawn(async move {
-            let name = sink.name().to_string();
-            if let Err(error) = forward::run_sink(sink, store, head, stop).await {
-                error!(sink = %name, %error, "sink stopped on a store error");
-            }
-        });
+        sink_tasks.spawn(forward::run(sink, store, head, stop));
     }
     sink_tasks.close();
     info!(agent = %agent_id, "ferry running");

@@ -135,6 +135,8 @@ pub struct Mosquitto {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Appended to the generated mosquitto.conf.
+    extra_conf: String,
     /// The current run's log (stdout + stderr); replaced on restart.
     log: Arc<Mutex<String>>,
     /// Logs of earlier runs, for failure reports.
@@ -144,10 +146,16 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts a broker on a free port and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// [`Mosquitto::start`] with extra lines for mosquitto.conf.
+    pub fn start_with(extra_conf: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir for mosquitto");
         let mut m = Mosquitto {
             port: free_port(),
             dir,
+            extra_conf: extra_conf.to_string(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             old_logs: String::new(),
@@ -171,8 +179,8 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 log_dest stderr\nlog_type all\n",
-                self.port
+                 log_dest stderr\nlog_type all\n{}\n",
+                self.port, self.extra_conf
             ),
         )
         .unwrap();
@@ -449,6 +457,8 @@ impl Request {
 #[derive(Default)]
 struct ReceiverState {
     failing: Option<u16>,
+    /// Requests whose body contains the text get the status.
+    refuse: Option<(String, u16)>,
     requests: Vec<Request>,
 }
 
@@ -483,6 +493,7 @@ impl Receiver {
         });
         let state = Arc::new(Mutex::new(ReceiverState {
             failing,
+            refuse: None,
             requests: Vec::new(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
@@ -510,7 +521,11 @@ impl Receiver {
                         .collect();
                     let status = {
                         let mut st = state.lock().unwrap();
-                        let status = st.failing.unwrap_or(200);
+                        let refused = st.refuse.as_ref().and_then(|(needle, status)| {
+                            let hit = body.windows(needle.len()).any(|w| w == needle.as_bytes());
+                            hit.then_some(*status)
+                        });
+                        let status = st.failing.or(refused).unwrap_or(200);
                         st.requests.push(Request {
                             method: req.method().as_str().to_string(),
                             url: req.url().to_string(),
@@ -544,6 +559,12 @@ impl Receiver {
     /// From now on answer `status` (e.g. `Some(503)`), or 200 again with `None`.
     pub fn set_failing(&self, status: Option<u16>) {
         self.state.lock().unwrap().failing = status;
+    }
+
+    /// From now on answer `status` to every request whose body contains `needle`
+    /// (a permanently bad event), 200 to the others.
+    pub fn refuse_containing(&self, needle: &str, status: u16) {
+        self.state.lock().unwrap().refuse = Some((needle.to_string(), status));
     }
 
     /// Every request so far, accepted or not.

@@ -36,6 +36,7 @@ impl ConsoleSink {
                 return Delivery::Retry {
                     kind: "io",
                     detail: e.to_string(),
+                    after: None,
                 };
             }
         }
@@ -44,6 +45,7 @@ impl ConsoleSink {
             Err(e) => Delivery::Retry {
                 kind: "io",
                 detail: e.to_string(),
+                after: None,
             },
         }
     }

@@ -229,7 +229,14 @@ impl HttpSink {
             None => req,
         };
         match req.send().await {
-            Ok(resp) => classify_status(resp.status().as_u16()),
+            Ok(resp) => match classify_status(resp.status().as_u16()) {
+                Delivery::Retry { kind, detail, .. } => Delivery::Retry {
+                    kind,
+                    detail,
+                    after: retry_after(resp.headers()),
+                },
+                other => other,
+            },
             Err(e) => Delivery::Retry {
                 kind: if e.is_timeout() {
                     "timeout"
@@ -239,7 +246,15 @@ impl HttpSink {
                     "transport"
                 },
                 detail: e.to_string(),
+                after: None,
             },
         }
     }
+}
+
+/// `Retry-After` in its delay-seconds form (the HTTP-date form is rare from APIs and
+/// is ignored: our own backoff applies).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse().ok().map(std::time::Duration::from_secs)
 }

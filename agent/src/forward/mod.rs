@@ -15,12 +15,13 @@ pub mod console;
 pub mod http;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cloudevents::Event;
 use futures_util::future::join_all;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::store::{Store, StoreError};
@@ -30,8 +31,13 @@ use crate::store::{Store, StoreError};
 pub enum Delivery {
     /// Accepted: the events may leave the store.
     Accepted,
-    /// Worth trying again later: `kind` is the metrics label.
-    Retry { kind: &'static str, detail: String },
+    /// Worth trying again later: `kind` is the metrics label; `after` is the
+    /// upstream's own `Retry-After`, if it sent one.
+    Retry {
+        kind: &'static str,
+        detail: String,
+        after: Option<Duration>,
+    },
     /// Permanently refused: retrying the same events cannot help.
     Rejected { detail: String },
 }
@@ -49,6 +55,7 @@ pub fn classify_status(status: u16) -> Delivery {
                 "retryable_status"
             },
             detail: format!("HTTP {status}"),
+            after: None,
         },
         _ => Delivery::Rejected {
             detail: format!("HTTP {status}"),
@@ -103,20 +110,42 @@ impl Sink {
     }
 }
 
-/// Runs one sink until cancelled.
-pub async fn run_sink(
+/// Runs one sink until cancelled. A store error (a failing disk) does not end it:
+/// the sink logs, waits, and starts again from its durable cursor.
+pub async fn run(
     sink: Sink,
     store: Arc<dyn Store>,
-    mut head: watch::Receiver<u64>,
+    head: watch::Receiver<u64>,
     cancel: CancellationToken,
+) {
+    loop {
+        match run_sink(&sink, &store, head.clone(), &cancel).await {
+            Ok(()) => return,
+            Err(error) => {
+                error!(sink = %sink.name(), %error, "store error; restarting the sink in 5s");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn run_sink(
+    sink: &Sink,
+    store: &Arc<dyn Store>,
+    mut head: watch::Receiver<u64>,
+    cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
     let name = sink.name().to_string();
     let mut backoff = sink.backoff();
     let per_request = sink.per_request().max(1);
-    let window = per_request * sink.max_in_flight().max(1);
+    let in_flight = sink.max_in_flight().max(1);
+    let window = per_request * in_flight;
     let mut failing = false;
 
-    let mut cursor = blocking(&store, {
+    let mut cursor = blocking(store, {
         let name = name.clone();
         move |s| s.cursor(&name)
     })
@@ -124,7 +153,7 @@ pub async fn run_sink(
     info!(sink = %name, cursor, "sink started");
 
     loop {
-        let batch = blocking(&store, move |s| s.read(cursor, window)).await?;
+        let batch = blocking(store, move |s| s.read(cursor, window)).await?;
         let Some(last) = batch.last().map(|s| s.seq) else {
             // Nothing to send: wait for the pipeline to commit more.
             if *head.borrow_and_update() > cursor {
@@ -153,13 +182,14 @@ pub async fn run_sink(
         }
 
         // Send the window, then resend from the first failed request until all of it
-        // is accepted or refused.
+        // is accepted or refused. A refused batch is resent one event at a time, so
+        // one bad event costs only itself.
         let mut pending: &[(u64, Event)] = &events;
+        let mut chunk_size = per_request;
         while !pending.is_empty() {
-            let chunks: Vec<&[(u64, Event)]> = pending.chunks(per_request).collect();
+            let chunks: Vec<&[(u64, Event)]> = pending.chunks(chunk_size).take(in_flight).collect();
             let sends = chunks.iter().map(|c| {
                 let evs: Vec<Event> = c.iter().map(|(_, e)| e.clone()).collect();
-                let sink = &sink;
                 async move { sink.send(&evs).await }
             });
             let results = tokio::select! {
@@ -170,6 +200,11 @@ pub async fn run_sink(
             let mut retry = None;
             for (chunk, result) in chunks.iter().zip(results) {
                 match result {
+                    Delivery::Rejected { detail } if chunk.len() > 1 => {
+                        info!(sink = %name, events = chunk.len(), %detail, "upstream refused a batch; resending its events one by one");
+                        chunk_size = 1;
+                        break;
+                    }
                     Delivery::Accepted => {
                         metrics::counter!("ferry_sink_sent_total", "sink" => name.clone())
                             .increment(chunk.len() as u64);
@@ -178,24 +213,28 @@ pub async fn run_sink(
                         warn!(sink = %name, events = chunk.len(), first_seq = chunk[0].0, %detail, "upstream refused events permanently; dropping them");
                         metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "rejected").increment(chunk.len() as u64);
                     }
-                    Delivery::Retry { kind, detail } => {
+                    Delivery::Retry {
+                        kind,
+                        detail,
+                        after,
+                    } => {
                         metrics::counter!("ferry_sink_errors_total", "sink" => name.clone(), "kind" => kind).increment(1);
-                        retry = Some(detail);
+                        retry = Some((detail, after));
                         break;
                     }
                 }
                 handled += chunk.len();
             }
             pending = &pending[handled..];
-            if let Some(detail) = retry {
+            if let Some((detail, after)) = retry {
                 // Keep what went through, so a restart does not resend it.
                 if let Some((seq, _)) = pending.first() {
                     if *seq > cursor {
                         cursor = *seq;
-                        advance(&store, &name, cursor).await?;
+                        advance(store, &name, cursor).await?;
                     }
                 }
-                let delay = backoff.next_delay();
+                let delay = retry_delay(backoff.next_delay(), after);
                 if !failing {
                     warn!(sink = %name, error = %detail, "upstream unavailable; buffering and retrying");
                     failing = true;
@@ -213,8 +252,15 @@ pub async fn run_sink(
         }
         backoff.reset();
         cursor = last + 1;
-        advance(&store, &name, cursor).await?;
+        advance(store, &name, cursor).await?;
     }
+}
+
+/// The wait before a retry: our backoff, or longer if the upstream asked for it with
+/// `Retry-After` (capped, so a wrong header cannot park a sink for hours).
+pub fn retry_delay(backoff: Duration, retry_after: Option<Duration>) -> Duration {
+    const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+    retry_after.map_or(backoff, |a| backoff.max(a.min(MAX_RETRY_AFTER)))
 }
 
 async fn advance(store: &Arc<dyn Store>, name: &str, to: u64) -> Result<(), StoreError> {
@@ -248,6 +294,15 @@ mod tests {
         for s in [408, 429, 500, 502, 503, 504, 307] {
             assert!(matches!(classify_status(s), Delivery::Retry { .. }), "{s}");
         }
+    }
+
+    #[test]
+    fn retry_after_lengthens_the_wait_but_never_past_five_minutes() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_delay(s(1), None), s(1));
+        assert_eq!(retry_delay(s(1), Some(s(30))), s(30));
+        assert_eq!(retry_delay(s(60), Some(s(30))), s(60));
+        assert_eq!(retry_delay(s(1), Some(s(86_400))), s(300));
     }
 
     #[test]
