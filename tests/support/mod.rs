@@ -137,6 +137,9 @@ pub struct Mosquitto {
     child: Option<Child>,
     /// Appended to the generated mosquitto.conf.
     extra_conf: String,
+    /// When set, anonymous clients are refused and this user/password is required
+    /// (and used by the publishing helpers).
+    credentials: Option<(String, String)>,
     /// The current run's log (stdout + stderr); replaced on restart.
     log: Arc<Mutex<String>>,
     /// Logs of earlier runs, for failure reports.
@@ -149,6 +152,31 @@ impl Mosquitto {
         Self::start_with("")
     }
 
+    /// A broker that refuses anonymous clients and knows one `user` with `password`.
+    pub fn start_with_password(user: &str, password: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir for mosquitto");
+        let pwfile = dir.path().join("passwd");
+        let status = tool("mosquitto_passwd")
+            .arg("-b")
+            .arg("-c")
+            .arg(&pwfile)
+            .args([user, password])
+            .status()
+            .expect("run mosquitto_passwd");
+        assert!(status.success(), "mosquitto_passwd failed: {status}");
+        let mut m = Mosquitto {
+            port: free_port(),
+            extra_conf: format!("password_file {}", pwfile.display()),
+            dir,
+            credentials: Some((user.to_string(), password.to_string())),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            old_logs: String::new(),
+        };
+        m.spawn();
+        m
+    }
+
     /// [`Mosquitto::start`] with extra lines for mosquitto.conf.
     pub fn start_with(extra_conf: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir for mosquitto");
@@ -156,6 +184,7 @@ impl Mosquitto {
             port: free_port(),
             dir,
             extra_conf: extra_conf.to_string(),
+            credentials: None,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             old_logs: String::new(),
@@ -178,9 +207,11 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "listener {} 127.0.0.1\nallow_anonymous {}\npersistence false\n\
                  log_dest stderr\nlog_type all\n{}\n",
-                self.port, self.extra_conf
+                self.port,
+                self.credentials.is_none(),
+                self.extra_conf
             ),
         )
         .unwrap();
@@ -273,6 +304,9 @@ impl Mosquitto {
         let mut cmd = tool("mosquitto_pub");
         cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-t", topic, "-q", &qos.to_string()]);
+        if let Some((user, password)) = &self.credentials {
+            cmd.args(["-u", user, "-P", password]);
+        }
         cmd
     }
 

@@ -196,56 +196,52 @@ async fn run_sink(
                 _ = cancel.cancelled() => return Ok(()),
                 r = join_all(sends) => r,
             };
-            let mut handled = 0;
-            let mut retry = None;
-            for (chunk, result) in chunks.iter().zip(results) {
-                match result {
-                    Delivery::Rejected { detail } if chunk.len() > 1 => {
-                        info!(sink = %name, events = chunk.len(), %detail, "upstream refused a batch; resending its events one by one");
-                        chunk_size = 1;
-                        break;
-                    }
-                    Delivery::Accepted => {
-                        metrics::counter!("ferry_sink_sent_total", "sink" => name.clone())
-                            .increment(chunk.len() as u64);
-                    }
-                    Delivery::Rejected { detail } => {
-                        warn!(sink = %name, events = chunk.len(), first_seq = chunk[0].0, %detail, "upstream refused events permanently; dropping them");
-                        metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "rejected").increment(chunk.len() as u64);
-                    }
-                    Delivery::Retry {
-                        kind,
-                        detail,
-                        after,
-                    } => {
-                        metrics::counter!("ferry_sink_errors_total", "sink" => name.clone(), "kind" => kind).increment(1);
-                        retry = Some((detail, after));
-                        break;
-                    }
-                }
-                handled += chunk.len();
+            let round = settle(&chunks.iter().map(|c| c.len()).collect::<Vec<_>>(), results);
+            if round.accepted > 0 {
+                metrics::counter!("ferry_sink_sent_total", "sink" => name.clone())
+                    .increment(round.accepted as u64);
             }
-            pending = &pending[handled..];
-            if let Some((detail, after)) = retry {
-                // Keep what went through, so a restart does not resend it.
-                if let Some((seq, _)) = pending.first() {
-                    if *seq > cursor {
-                        cursor = *seq;
-                        advance(store, &name, cursor).await?;
+            for (i, detail) in &round.refused {
+                let chunk = chunks[*i];
+                warn!(sink = %name, events = chunk.len(), first_seq = chunk[0].0, %detail, "upstream refused events permanently; dropping them");
+                metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "rejected").increment(chunk.len() as u64);
+            }
+            pending = &pending[round.handled..];
+            match round.next {
+                Next::Continue => {}
+                Next::SplitBatch { events, detail } => {
+                    info!(sink = %name, events, %detail, "upstream refused a batch; resending its events one by one");
+                    chunk_size = 1;
+                    continue;
+                }
+                Next::Retry {
+                    kind,
+                    detail,
+                    after,
+                } => {
+                    metrics::counter!("ferry_sink_errors_total", "sink" => name.clone(), "kind" => kind).increment(1);
+                    // Keep what went through, so a restart does not resend it.
+                    if let Some((seq, _)) = pending.first() {
+                        if *seq > cursor {
+                            cursor = *seq;
+                            advance(store, &name, cursor).await?;
+                        }
                     }
+                    let delay = retry_delay(backoff.next_delay(), after);
+                    if !failing {
+                        warn!(sink = %name, error = %detail, "upstream unavailable; buffering and retrying");
+                        failing = true;
+                    } else {
+                        debug!(sink = %name, error = %detail, ?delay, "upstream still unavailable");
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
                 }
-                let delay = retry_delay(backoff.next_delay(), after);
-                if !failing {
-                    warn!(sink = %name, error = %detail, "upstream unavailable; buffering and retrying");
-                    failing = true;
-                } else {
-                    debug!(sink = %name, error = %detail, ?delay, "upstream still unavailable");
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            } else if failing {
+            }
+            if failing {
                 info!(sink = %name, "upstream available again");
                 failing = false;
             }
@@ -254,6 +250,74 @@ async fn run_sink(
         cursor = last + 1;
         advance(store, &name, cursor).await?;
     }
+}
+
+/// The outcome of one round of requests, read in order: the leading chunks that
+/// were accepted or refused for good are done (`handled` events); the first chunk
+/// that was not decides what happens next.
+#[derive(Debug, PartialEq)]
+pub struct Round {
+    /// Events of the leading chunks that are done with.
+    pub handled: usize,
+    /// Of those, accepted upstream.
+    pub accepted: usize,
+    /// Chunks refused for good (index, reason); their events are dropped.
+    pub refused: Vec<(usize, String)>,
+    pub next: Next,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Next {
+    /// Everything sent was settled.
+    Continue,
+    /// A multi-event request was refused: resend its events one at a time to find
+    /// the bad one(s), before anything after it.
+    SplitBatch { events: usize, detail: String },
+    /// Try again from the first unsettled chunk after a backoff.
+    Retry {
+        kind: &'static str,
+        detail: String,
+        after: Option<Duration>,
+    },
+}
+
+/// Settles a round of requests with `chunk_lens` events each. Results after the
+/// first unsettled chunk are ignored: those chunks are resent (same ids) so that
+/// the cursor only ever covers a settled prefix.
+pub fn settle(chunk_lens: &[usize], results: Vec<Delivery>) -> Round {
+    let mut round = Round {
+        handled: 0,
+        accepted: 0,
+        refused: Vec::new(),
+        next: Next::Continue,
+    };
+    for (i, (len, result)) in chunk_lens.iter().zip(results).enumerate() {
+        match result {
+            Delivery::Accepted => round.accepted += len,
+            Delivery::Rejected { detail } if *len > 1 => {
+                round.next = Next::SplitBatch {
+                    events: *len,
+                    detail,
+                };
+                return round;
+            }
+            Delivery::Rejected { detail } => round.refused.push((i, detail)),
+            Delivery::Retry {
+                kind,
+                detail,
+                after,
+            } => {
+                round.next = Next::Retry {
+                    kind,
+                    detail,
+                    after,
+                };
+                return round;
+            }
+        }
+        round.handled += len;
+    }
+    round
 }
 
 /// The wait before a retry: our backoff, or longer if the upstream asked for it with
@@ -282,6 +346,55 @@ pub async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn retry() -> Delivery {
+        Delivery::Retry {
+            kind: "connect",
+            detail: "refused".into(),
+            after: None,
+        }
+    }
+
+    fn refused() -> Delivery {
+        Delivery::Rejected {
+            detail: "HTTP 400".into(),
+        }
+    }
+
+    #[test]
+    fn a_round_that_is_all_accepted_settles_every_event() {
+        let r = settle(&[3, 3], vec![Delivery::Accepted, Delivery::Accepted]);
+        assert_eq!((r.handled, r.accepted, r.next), (6, 6, Next::Continue));
+    }
+
+    #[test]
+    fn a_failure_settles_only_the_chunks_before_it_even_if_later_ones_were_accepted() {
+        let r = settle(
+            &[1, 1, 1],
+            vec![Delivery::Accepted, retry(), Delivery::Accepted],
+        );
+        assert_eq!((r.handled, r.accepted), (1, 1));
+        assert!(matches!(r.next, Next::Retry { .. }));
+    }
+
+    #[test]
+    fn a_refused_single_event_is_dropped_and_the_round_goes_on() {
+        let r = settle(
+            &[1, 1, 1],
+            vec![Delivery::Accepted, refused(), Delivery::Accepted],
+        );
+        assert_eq!((r.handled, r.accepted), (3, 2));
+        assert_eq!(r.refused, vec![(1, "HTTP 400".to_string())]);
+        assert_eq!(r.next, Next::Continue);
+    }
+
+    #[test]
+    fn a_refused_batch_is_split_rather_than_dropped() {
+        let r = settle(&[5, 5], vec![Delivery::Accepted, refused()]);
+        assert_eq!((r.handled, r.accepted), (5, 5));
+        assert!(r.refused.is_empty());
+        assert!(matches!(r.next, Next::SplitBatch { events: 5, .. }));
+    }
 
     #[test]
     fn success_statuses_are_accepted() {

@@ -272,6 +272,8 @@ impl MqttSource {
         let mut running = Some((tx, ack_tx));
         let mut acks_done = false;
         let mut connected = false;
+        // Whether the current outage was logged at warn: once per outage, not per retry.
+        let mut outage_reported = false;
         let grace = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(grace);
 
@@ -296,6 +298,7 @@ impl MqttSource {
                 ev = eventloop.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         connected = true;
+                        outage_reported = false;
                         backoff.reset();
                         info!(source = %name, session_present = ack.session_present, "connected to broker");
                         if ack.code == ConnectReturnCode::Success && running.is_some() {
@@ -349,8 +352,14 @@ impl MqttSource {
                         }
                         if connected {
                             warn!(source = %name, %error, "lost the broker; reconnecting with backoff");
+                            outage_reported = true;
+                        } else if !outage_reported {
+                            // Also the place a wrong password or an unreachable broker
+                            // shows up first: say it loudly, once.
+                            warn!(source = %name, %error, "cannot connect to the broker; retrying with backoff");
+                            outage_reported = true;
                         } else {
-                            debug!(source = %name, %error, "cannot reach the broker yet");
+                            debug!(source = %name, %error, "still cannot connect to the broker");
                         }
                         connected = false;
                         let delay = backoff.next_delay();
