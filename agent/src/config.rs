@@ -101,13 +101,35 @@ impl SinksConfig {
 }
 
 /// `[rules]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesConfig {
     /// Directory of `*.toml` rule files. Relative paths are relative to the config
     /// file. Without it, every reading is forwarded and no alerts are raised.
     #[serde(default)]
     pub dir: Option<PathBuf>,
+    /// Reload the rules when a file in `dir` changes (SIGHUP always reloads).
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub reload: bool,
+    /// The MQTT source whose broker connection carries `mqtt_publish` actions.
+    /// Default: the first `[[source.mqtt]]`.
+    #[serde(default)]
+    pub mqtt_actions: Option<String>,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            reload: true,
+            mqtt_actions: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// A loaded config plus where it came from (for resolving relative paths).
@@ -165,7 +187,8 @@ impl Loaded {
                 );
             }
         };
-        let problems = validate(&config);
+        let mut problems = validate(&config);
+        problems.extend(validate_files(&config, path));
         let doc = if problems.is_empty() {
             None
         } else {
@@ -328,6 +351,72 @@ fn validate(config: &Config) -> Vec<Problem> {
         ));
     }
     out.extend(config.store.validate());
+    if let Some(name) = &config.rules.mqtt_actions {
+        if !config.source.mqtt.iter().any(|s| &s.name == name) {
+            out.push(problem!(
+                ["rules", "mqtt_actions"],
+                "rules.mqtt_actions names {name:?}, which is not a [[source.mqtt]]"
+            ));
+        }
+    }
+    out
+}
+
+/// Checks that the files the config names can be read, without reading secrets
+/// into memory: a missing token file should fail `ferry check`, not the first start.
+fn validate_files(config: &Config, config_path: &Path) -> Vec<Problem> {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    let mut out = Vec::new();
+    let mut readable = |p: &Path, at: Problem| {
+        if let Err(e) = std::fs::File::open(resolve(p)) {
+            out.push(Problem {
+                message: format!("{}{}: {e}", at.message, resolve(p).display()),
+                ..at
+            });
+        }
+    };
+    for (i, s) in config.source.mqtt.iter().enumerate() {
+        if let Some(p) = &s.password_file {
+            readable(
+                p,
+                problem!(
+                    ["source", "mqtt", i, "password_file"],
+                    "cannot read password_file "
+                ),
+            );
+        }
+    }
+    for (i, s) in config.sink.http.iter().enumerate() {
+        if let Some(a) = &s.auth {
+            readable(
+                &a.bearer_file,
+                problem!(["sink", "http", i, "auth"], "cannot read bearer_file "),
+            );
+        }
+    }
+    if let Some(dir) = &config.rules.dir {
+        let dir = resolve(dir);
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => out.push(problem!(
+                ["rules", "dir"],
+                "rules.dir {} is not a directory",
+                dir.display()
+            )),
+            Err(e) => out.push(problem!(
+                ["rules", "dir"],
+                "rules.dir {}: {e}",
+                dir.display()
+            )),
+        }
+    }
     out
 }
 

@@ -9,7 +9,8 @@
 //! - [`ingest`]: sources (`mqtt`, `simulator`); each produces [`ingest::Input`]s that
 //!   carry an acknowledgement to run once the input is committed.
 //! - [`decode`]: payload bytes to a [`decode::Reading`] (pure).
-//! - [`rules`]: loads rule files into a `ferry_rules::RuleSet` (evaluation is pure).
+//! - [`rules`]: loads rule files into a `ferry_rules::RuleSet` and reloads them on
+//!   change or SIGHUP (evaluation is pure); [`replay`] is `ferry rules test`.
 //! - [`store`]: the durable, bounded, ordered buffer behind the [`store::Store`] trait.
 //! - [`forward`]: CloudEvents encoding and the sinks (`http`, `console`) with their
 //!   retry loop.
@@ -25,6 +26,7 @@ pub mod forward;
 pub mod ingest;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod replay;
 pub mod rules;
 pub mod store;
 pub mod telemetry;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_agent::config::Loaded;
+use ferry_agent::replay;
 use ferry_agent::telemetry::{init_logs, LogFormat};
+use ferry_rules::RuleSet;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -41,6 +43,37 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Work with rule files.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Check every rule file in DIR; print every problem as file:line:col.
+    Check {
+        /// The rules directory.
+        dir: PathBuf,
+        /// A config file whose sink names `emit.to` must use.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Replay recorded readings (JSON lines) through the rules in DIR and print
+    /// every event they would emit.
+    Test {
+        /// The rules directory.
+        dir: PathBuf,
+        /// One JSON object per line; `device`, `source` and `time` (RFC 3339) are
+        /// recognised, other keys are fields.
+        #[arg(long)]
+        readings: PathBuf,
+        /// Print each would-be CloudEvent as one JSON line instead.
+        #[arg(long)]
+        json: bool,
+        /// A config file whose sink names `emit.to` must use.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +84,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Rules(RulesCommand::Check { dir, config }) => {
+            match load_rules(&dir, config.as_deref()) {
+                Ok(set) => {
+                    println!("{}: ok ({} rules)", dir.display(), set.len());
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            }
+        }
+        Command::Rules(RulesCommand::Test {
+            dir,
+            readings,
+            json,
+            config,
+        }) => rules_test(&dir, &readings, json, config.as_deref()),
         Command::Run {
             config,
             data_dir,
@@ -60,8 +108,8 @@ fn main() -> ExitCode {
             match run(config, data_dir) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    // Logs go to stderr, so this is the one place the reason appears.
                     tracing::error!("{e:#}");
-                    eprintln!("ferry: {e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -74,7 +122,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     let mut summary = String::new();
     if let Some(loaded) = loaded {
         let c = &loaded.config;
-        let rules = match loaded.rules_dir() {
+        let rules = match loaded.rules_dir().filter(|d| d.is_dir()) {
             Some(dir) => match ferry_agent::rules::load_dir(&dir, &c.sink.names()) {
                 Ok(set) => set.len(),
                 Err(d) => {
@@ -96,15 +144,99 @@ fn check(path: &std::path::Path) -> ExitCode {
         println!("{summary}");
         return ExitCode::SUCCESS;
     }
-    for p in &problems {
+    report(&problems)
+}
+
+/// Compiles the rules in `dir`, printing every problem; `Err` is the exit code.
+fn load_rules(
+    dir: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> Result<RuleSet, ExitCode> {
+    let result = match config {
+        Some(c) => match Loaded::from_file(c) {
+            Ok(loaded) => ferry_agent::rules::load_dir(dir, &loaded.config.sink.names()),
+            Err(problems) => Err(problems),
+        },
+        None => ferry_agent::rules::load_dir_unchecked_sinks(dir),
+    };
+    result.map_err(|problems| report(&problems))
+}
+
+fn report(problems: &[ferry_rules::Diagnostic]) -> ExitCode {
+    for p in problems {
         eprintln!("{p}");
     }
-    eprintln!(
-        "{} error{} found",
-        problems.len(),
-        if problems.len() == 1 { "" } else { "s" }
-    );
+    let n = problems.len();
+    eprintln!("{n} error{} found", if n == 1 { "" } else { "s" });
     ExitCode::FAILURE
+}
+
+fn rules_test(
+    dir: &std::path::Path,
+    readings: &std::path::Path,
+    json: bool,
+    config: Option<&std::path::Path>,
+) -> ExitCode {
+    let mut rules = match load_rules(dir, config) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let text = match std::fs::read_to_string(readings) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", readings.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let out = replay::replay(&mut rules, &text);
+    let mut events = 0u64;
+    for line in &out.lines {
+        match line {
+            replay::Line::Alert(a) if json => {
+                if let Some(ce) = replay::as_cloudevent(a, events) {
+                    println!("{ce}");
+                }
+                events += 1;
+            }
+            replay::Line::Alert(a) => {
+                println!("{}", replay::describe(a));
+                events += 1;
+            }
+            replay::Line::Action {
+                action:
+                    ferry_rules::Action::MqttPublish {
+                        rule,
+                        topic,
+                        payload,
+                        ..
+                    },
+                ..
+            } if !json => {
+                println!("  {rule}: publish {payload:?} to {topic}");
+            }
+            replay::Line::Dropped { line, device } if !json => {
+                println!("  line {line}: reading from {device} not forwarded");
+            }
+            replay::Line::Error { line, error } => {
+                eprintln!("{}:{line}: {error}", readings.display());
+            }
+            _ => {}
+        }
+    }
+    for bad in &out.bad {
+        eprintln!("{}:{}: {}", readings.display(), bad.line, bad.message);
+    }
+    if !json {
+        println!(
+            "{} readings, {} forwarded, {} events",
+            out.readings, out.forwarded, events
+        );
+    }
+    if out.bad.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn run(config: PathBuf, data_dir: Option<PathBuf>) -> anyhow::Result<()> {

@@ -18,12 +18,12 @@
 //! disconnect; only then are sinks stopped. Nothing taken is lost: what was not
 //! committed was not acked, and the broker redelivers it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_rules::{Diagnostic, RuleSet};
+use ferry_rules::{Action, Diagnostic, RuleSet, Transition};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -42,15 +42,20 @@ use crate::store::{sled::SledStore, Record, Store, StoreError};
 const CHANNEL: usize = 4096;
 /// Most inputs committed in one store transaction.
 const BATCH: usize = 1024;
+/// Rule actions waiting for the MQTT connection that carries them.
+const ACTIONS: usize = 1024;
+/// How often time-driven rules (stale sensors, aggregate windows) are evaluated.
+const TICK: Duration = Duration::from_secs(1);
 pub const READING_TYPE: &str = "io.ferry.reading";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot open the store in {dir}: {source}")]
+    // `source` fields are printed by the error chain (`{:#}`), not repeated here.
+    #[error("cannot open the store in {dir}")]
     Store { dir: PathBuf, source: StoreError },
     #[error("the rule files have errors:\n{}", join(.0))]
     Rules(Vec<Diagnostic>),
-    #[error("cannot read {what}: {source}")]
+    #[error("cannot read {what}")]
     Secret {
         what: String,
         source: std::io::Error,
@@ -115,6 +120,19 @@ pub async fn run(
         })?)
     };
 
+    let mut rules = rules;
+    match store.rules_state() {
+        Ok(Some(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(state) => {
+                rules.restore_alert_state(&state);
+                info!("restored open alerts from the store");
+            }
+            Err(error) => warn!(%error, "ignoring unreadable saved rule state"),
+        },
+        Ok(None) => {}
+        Err(error) => warn!(%error, "cannot read saved rule state; open alerts start closed"),
+    }
+
     let mut sinks = Vec::new();
     for s in &cfg.sink.http {
         let bearer = s.auth.as_ref().map(|a| loaded.resolve(&a.bearer_file));
@@ -125,6 +143,14 @@ pub async fn run(
     }
 
     let (tx, rx) = mpsc::channel::<Input>(CHANNEL);
+    // Rule actions (MQTT publishes) go out through one MQTT source's connection.
+    let actuator_name = cfg
+        .rules
+        .mqtt_actions
+        .clone()
+        .or_else(|| cfg.source.mqtt.first().map(|s| s.name.clone()));
+    let (actions_tx, actions_rx) = mpsc::channel::<Action>(ACTIONS);
+    let mut actions_rx = Some(actions_rx);
     let (head_tx, head_rx) = watch::channel(store.stats().next);
     let stop_sources = CancellationToken::new();
     let sources = TaskTracker::new();
@@ -134,7 +160,11 @@ pub async fn run(
             Some(p) => Some(
                 std::fs::read_to_string(loaded.resolve(p))
                     .map_err(|source| StartError::Secret {
-                        what: format!("password_file of source {:?}", s.name),
+                        what: format!(
+                            "password_file {} of source {:?}",
+                            loaded.resolve(p).display(),
+                            s.name
+                        ),
                         source,
                     })?
                     .trim_end_matches(['\r', '\n'])
@@ -159,7 +189,12 @@ pub async fn run(
             origin: Origin::new(&agent_id, "mqtt", &s.name, Some(decode)),
             cfg: s.clone(),
         };
-        sources.spawn(source.run(tx.clone(), stop_sources.clone()));
+        let actions = if actuator_name.as_deref() == Some(s.name.as_str()) {
+            actions_rx.take()
+        } else {
+            None
+        };
+        sources.spawn(source.run(tx.clone(), actions, stop_sources.clone()));
     }
     for s in &cfg.source.simulator {
         let origin = Origin::new(&agent_id, "simulator", &s.name, None);
@@ -173,13 +208,25 @@ pub async fn run(
     drop(tx);
     sources.close();
 
+    let (reload_tx, reload_rx) = mpsc::channel::<RuleSet>(1);
+    let stop_watch = CancellationToken::new();
+    tokio::spawn(crate::rules::watch(
+        loaded.rules_dir(),
+        cfg.rules.reload,
+        sink_names.clone(),
+        reload_tx,
+        stop_watch.clone(),
+    ));
     let commit = Committer {
         rules,
         store: Arc::clone(&store),
         head: head_tx,
         log_limit: RateLimit::new(10, Duration::from_secs(60)),
+        origins: source_uris(cfg, &agent_id),
+        // Without an MQTT source to publish through, actions are counted and dropped.
+        actions: actions_rx.is_none().then_some(actions_tx),
     };
-    let commit_task = tokio::spawn(commit.run(rx, shutdown.clone()));
+    let commit_task = tokio::spawn(commit.run(rx, reload_rx, shutdown.clone()));
 
     let stop_sinks = CancellationToken::new();
     let sink_tasks = TaskTracker::new();
@@ -192,6 +239,7 @@ pub async fn run(
 
     shutdown.cancelled().await;
     info!("shutting down: no new input; committing what was taken");
+    stop_watch.cancel();
     stop_sources.cancel();
     sources.wait().await;
     if let Err(e) = commit_task.await {
@@ -208,37 +256,96 @@ pub async fn run(
     Ok(())
 }
 
+/// `source name -> CloudEvents source URI`, for events that time-driven rules raise
+/// about a device with no reading at hand.
+fn source_uris(cfg: &crate::config::Config, agent: &str) -> HashMap<String, String> {
+    let mqtt = cfg.source.mqtt.iter().map(|s| ("mqtt", &s.name));
+    let sim = cfg.source.simulator.iter().map(|s| ("simulator", &s.name));
+    mqtt.chain(sim)
+        .map(|(kind, name)| (name.clone(), format!("/ferry/{agent}/{kind}/{name}")))
+        .collect()
+}
+
 /// Decodes, evaluates and commits inputs in arrival order, then runs their acks.
 struct Committer {
     rules: RuleSet,
     store: Arc<dyn Store>,
     head: watch::Sender<u64>,
     log_limit: RateLimit,
+    origins: HashMap<String, String>,
+    /// Where rule actions go; `None` when no MQTT source carries them.
+    actions: Option<mpsc::Sender<Action>>,
 }
 
 impl Committer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Input>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        mut reloads: mpsc::Receiver<RuleSet>,
+        shutdown: CancellationToken,
+    ) {
         let mut inputs = Vec::with_capacity(BATCH);
-        while rx.recv_many(&mut inputs, BATCH).await > 0 {
-            let mut records = Vec::with_capacity(inputs.len());
-            let mut acks = Vec::with_capacity(inputs.len());
-            for input in inputs.drain(..) {
-                self.process(&input.origin, input.payload, input.received, &mut records);
-                acks.extend(input.ack);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let mut batch = Batch::default();
+            tokio::select! {
+                n = rx.recv_many(&mut inputs, BATCH) => {
+                    if n == 0 {
+                        return;
+                    }
+                    for input in inputs.drain(..) {
+                        self.process(&input.origin, input.payload, input.received, &mut batch);
+                        batch.acks.extend(input.ack);
+                    }
+                }
+                Some(mut set) = reloads.recv() => {
+                    set.adopt_state(std::mem::replace(&mut self.rules, RuleSet::empty()));
+                    self.rules = set;
+                    continue;
+                }
+                _ = tick.tick() => {
+                    let outcome = self.rules.tick(chrono::Utc::now());
+                    self.outcome(outcome, None, &mut batch);
+                }
             }
-            if !records.is_empty() && !self.commit(records, &shutdown).await {
-                // Shutting down with a batch that could not be stored: its inputs stay
-                // unacknowledged, so the producers still have them.
-                warn!(
-                    inputs = acks.len(),
-                    "stopped before this batch could be committed; it was not acknowledged"
-                );
+            if !self.settle(batch, &shutdown).await {
                 return;
             }
-            for ack in acks {
-                ack();
+        }
+    }
+
+    /// Commits a batch (with the rule state if alerts changed it), then acks its
+    /// inputs and hands its actions on. `false` if shutdown stopped the commit.
+    async fn settle(&mut self, batch: Batch, shutdown: &CancellationToken) -> bool {
+        let state = batch
+            .state_changed
+            .then(|| serde_json::to_vec(&self.rules.alert_state()).ok())
+            .flatten();
+        if (!batch.records.is_empty() || state.is_some())
+            && !self.commit(batch.records, state, shutdown).await
+        {
+            // Shutting down with a batch that could not be stored: its inputs stay
+            // unacknowledged, so the producers still have them.
+            warn!(
+                inputs = batch.acks.len(),
+                "stopped before this batch could be committed; it was not acknowledged"
+            );
+            return false;
+        }
+        for ack in batch.acks {
+            ack();
+        }
+        for action in batch.actions {
+            let sent = self.actions.as_ref().map(|tx| tx.try_send(action));
+            if !matches!(sent, Some(Ok(()))) {
+                metrics::counter!("ferry_actions_dropped_total").increment(1);
+                if let Some(suppressed) = self.log_limit.check(Instant::now()) {
+                    warn!(suppressed, "rule action dropped: no MQTT source to publish through, or too many waiting");
+                }
             }
         }
+        true
     }
 
     fn process(
@@ -246,7 +353,7 @@ impl Committer {
         origin: &Origin,
         payload: Payload,
         received: chrono::DateTime<chrono::Utc>,
-        out: &mut Vec<Record>,
+        batch: &mut Batch,
     ) {
         let reading = match payload {
             Payload::Fields { device, fields } => Reading {
@@ -271,41 +378,58 @@ impl Committer {
             time: reading.time,
             fields: &reading.fields,
         });
+        let forward = outcome.forward;
+        // The reading goes first, then what it triggered.
+        let reading_at = batch.records.len();
+        self.outcome(outcome, Some(&origin.uri), batch);
+        if forward {
+            batch.records.insert(
+                reading_at,
+                Record {
+                    source: origin.uri.clone(),
+                    event_type: READING_TYPE.to_string(),
+                    subject: reading.device,
+                    time: reading.time,
+                    data: Value::Object(reading.fields),
+                    ext: BTreeMap::new(),
+                    to: None,
+                },
+            );
+        }
+    }
+
+    /// Turns what the rules decided into records and actions.
+    fn outcome(&mut self, outcome: ferry_rules::Outcome, uri: Option<&str>, batch: &mut Batch) {
         for e in &outcome.errors {
             metrics::counter!("ferry_rule_errors_total", "rule" => e.rule.clone()).increment(1);
             if let Some(suppressed) = self.log_limit.check(Instant::now()) {
-                warn!(rule = %e.rule, device = %reading.device, error = %e.message, suppressed, "rule evaluation failed");
+                warn!(rule = %e.rule, error = %e.message, suppressed, "rule evaluation failed");
             }
         }
-        let alerts = outcome.alerts.into_iter().map(|a| {
+        for a in outcome.alerts {
+            if a.transition != Transition::Window {
+                batch.state_changed = true;
+            }
             let mut ext = BTreeMap::new();
             ext.insert("rule".to_string(), a.rule);
             if let Some(s) = a.severity {
                 ext.insert("severity".to_string(), s);
             }
-            Record {
-                source: origin.uri.clone(),
+            let source = uri
+                .map(str::to_string)
+                .or_else(|| self.origins.get(&a.source).cloned())
+                .unwrap_or_else(|| format!("/ferry/rules/{}", a.source));
+            batch.records.push(Record {
+                source,
                 event_type: a.event_type,
-                subject: reading.device.clone(),
-                time: reading.time,
+                subject: a.device,
+                time: a.time,
                 data: a.data,
                 ext,
                 to: a.to,
-            }
-        });
-        let alerts: Vec<Record> = alerts.collect();
-        if outcome.forward {
-            out.push(Record {
-                source: origin.uri.clone(),
-                event_type: READING_TYPE.to_string(),
-                subject: reading.device,
-                time: reading.time,
-                data: Value::Object(reading.fields),
-                ext: BTreeMap::new(),
-                to: None,
             });
         }
-        out.extend(alerts);
+        batch.actions.extend(outcome.actions);
     }
 
     fn rejected(&mut self, origin: &Origin, topic: &str, e: &DecodeError) {
@@ -316,16 +440,23 @@ impl Committer {
     }
 
     /// Commits until it works; `false` only if shutdown came first.
-    async fn commit(&mut self, records: Vec<Record>, shutdown: &CancellationToken) -> bool {
+    async fn commit(
+        &mut self,
+        records: Vec<Record>,
+        state: Option<Vec<u8>>,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let records = Arc::new(records);
+        let state = Arc::new(state);
         let mut backoff = Backoff::new(BackoffConfig::new(
             Duration::from_millis(50),
             Duration::from_secs(5),
         ));
         let mut reported = false;
         loop {
-            let batch = Arc::clone(&records);
-            match forward::blocking(&self.store, move |s| s.append(&batch)).await {
+            let (batch, state) = (Arc::clone(&records), Arc::clone(&state));
+            match forward::blocking(&self.store, move |s| s.append(&batch, state.as_deref())).await
+            {
                 Ok(appended) => {
                     metrics::counter!("ferry_store_committed_total")
                         .increment(records.len() as u64);
@@ -344,6 +475,7 @@ impl Committer {
                     }
                     self.head
                         .send_replace(appended.first + records.len() as u64);
+                    crate::telemetry::store_gauges(&self.store.stats());
                     return true;
                 }
                 Err(error) => {
@@ -366,4 +498,14 @@ impl Committer {
             }
         }
     }
+}
+
+/// What one turn of the commit task produced.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Record>,
+    acks: Vec<crate::ingest::Ack>,
+    actions: Vec<Action>,
+    /// An alert fired or resolved: persist the rule state with this batch.
+    state_changed: bool,
 }

@@ -1,10 +1,25 @@
-//! The rules stage, agent side: reads the rule files of the rules directory and
-//! compiles them with `ferry_rules`. Evaluation itself is pure and lives in that
-//! crate; the pipeline calls it inline for each reading.
+//! The rules stage, agent side: reads the rule files of the rules directory, compiles
+//! them with `ferry_rules`, and reloads them when they change.
+//!
+//! Evaluation itself is pure and lives in that crate; the commit task owns the
+//! running [`RuleSet`] and calls it inline for each reading and on a one-second tick.
+//!
+//! # Reload
+//! The directory is watched (debounced, so an editor's write-rename-delete dance is
+//! one reload) and SIGHUP forces a reload. Every file is parsed and checked first;
+//! only a set with no errors replaces the running one, which adopts the state of
+//! every unchanged rule. On any error the running rules stay, every problem is
+//! logged with `file:line:col`, and `ferry_rules_reloads_total{result="failed"}`
+//! counts it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ferry_rules::{CheckOptions, Diagnostic, RuleSet, SourceFile};
+use notify_debouncer_full::notify::RecursiveMode;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
 
 /// Reads every `*.toml` file in `dir` (sorted, so rule order is stable) and compiles
 /// them. `Err` carries every problem in every file.
@@ -14,6 +29,12 @@ pub fn load_dir(dir: &Path, sinks: &[String]) -> Result<RuleSet, Vec<Diagnostic>
         known_sinks: Some(sinks.to_vec()),
     };
     RuleSet::compile(&files, &opts)
+}
+
+/// [`load_dir`] without the sink names (for `ferry rules check DIR` with no config):
+/// `emit.to` is not checked against sinks.
+pub fn load_dir_unchecked_sinks(dir: &Path) -> Result<RuleSet, Vec<Diagnostic>> {
+    RuleSet::compile(&read_dir(dir)?, &CheckOptions::default())
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, Vec<Diagnostic>> {
@@ -45,5 +66,96 @@ fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, Vec<Diagnostic>> {
         Ok(files)
     } else {
         Err(errors)
+    }
+}
+
+/// Listens for SIGHUP and, if `watch_files`, watches `dir`; sends every successfully
+/// compiled rule set to the commit task. Runs until `cancel`. Without a rules
+/// directory it still owns SIGHUP, so the signal never terminates the agent.
+pub async fn watch(
+    dir: Option<PathBuf>,
+    watch_files: bool,
+    sinks: Vec<String>,
+    reloaded: mpsc::Sender<RuleSet>,
+    cancel: CancellationToken,
+) {
+    // Capacity 1: changes that arrive during a reload coalesce into one more reload.
+    let (trigger_tx, mut trigger) = mpsc::channel::<&'static str>(1);
+    let fs_trigger = trigger_tx.clone();
+    let debouncer = notify_debouncer_full::new_debouncer(
+        Duration::from_millis(300),
+        None,
+        move |result: notify_debouncer_full::DebounceEventResult| {
+            if result.is_ok() {
+                let _ = fs_trigger.try_send("file change");
+            }
+        },
+    );
+    // Kept alive for as long as we watch.
+    let _debouncer = match (debouncer, &dir) {
+        (Ok(_), _) if !watch_files => None,
+        (Ok(_), None) => None,
+        (Ok(mut d), Some(dir)) => match d.watch(dir, RecursiveMode::NonRecursive) {
+            Ok(()) => Some(d),
+            Err(error) => {
+                warn!(dir = %dir.display(), %error, "cannot watch the rules directory; reload with SIGHUP");
+                None
+            }
+        },
+        (Err(error), _) => {
+            warn!(%error, "cannot watch files; reload rules with SIGHUP");
+            None
+        }
+    };
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(error) => {
+            warn!(%error, "cannot listen for SIGHUP");
+            None
+        }
+    };
+
+    loop {
+        let why = tokio::select! {
+            _ = cancel.cancelled() => return,
+            Some(why) = trigger.recv() => why,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => "SIGHUP",
+        };
+        let Some(d) = dir.clone() else {
+            info!(
+                reason = why,
+                "no rules directory configured; nothing to reload"
+            );
+            continue;
+        };
+        let s = sinks.clone();
+        let result = match tokio::task::spawn_blocking(move || load_dir(&d, &s)).await {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "rule loading failed");
+                continue;
+            }
+        };
+        match result {
+            Ok(set) => {
+                info!(reason = why, rules = set.len(), "rules reloaded");
+                metrics::counter!("ferry_rules_reloads_total", "result" => "ok").increment(1);
+                if reloaded.send(set).await.is_err() {
+                    return;
+                }
+            }
+            Err(problems) => {
+                metrics::counter!("ferry_rules_reloads_total", "result" => "failed").increment(1);
+                for p in &problems {
+                    let at = format!("{}:{}:{}", p.file, p.line, p.col);
+                    error!(%at, message = %p.message, "rule file error");
+                }
+                warn!(
+                    reason = why,
+                    errors = problems.len(),
+                    "rule reload refused; the running rules stay in force"
+                );
+            }
+        }
     }
 }

@@ -50,6 +50,12 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<(), MetricsError> {
     Ok(())
 }
 
+/// Publishes how much the store holds (after a commit or a trim).
+pub fn store_gauges(stats: &crate::store::Stats) {
+    metrics::gauge!("ferry_store_records").set(stats.records as f64);
+    metrics::gauge!("ferry_store_bytes").set(stats.bytes as f64);
+}
+
 fn describe() {
     use metrics::describe_counter as d;
     d!("ferry_input_received_total", "Inputs received, by source.");

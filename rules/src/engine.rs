@@ -1,25 +1,41 @@
-//! [`RuleSet`]: the compiled rules, and running readings through them.
+//! [`RuleSet`]: the compiled rules, running readings and time through them, and
+//! their state across reloads and restarts.
 
 use crate::check::{self, CheckOptions, SourceFile};
+use crate::devices::MAX_DEVICES_PER_RULE;
 use crate::diagnostic::Diagnostic;
-use crate::expr::{self, Bindings, COMPILE_STACK_SIZE};
-use crate::rule::Rule;
+use crate::expr::{self, COMPILE_STACK_SIZE};
+use crate::rule::{Ctx, Rule, Vote};
 use cel::Env;
 use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+
+/// The version of the JSON [`RuleSet::alert_state`] writes. A state of another
+/// version is ignored by [`RuleSet::restore_alert_state`].
+pub const ALERT_STATE_VERSION: u64 = 1;
 
 /// Every rule of every rule file, compiled and checked, with the state rules keep
 /// between readings.
 ///
 /// Build one with [`RuleSet::compile`]; swap it for a new one when the files change
 /// (a failed compile leaves the running set alone, so a bad edit never stops the
-/// rules that work).
+/// rules that work), moving the state of unchanged rules over with
+/// [`RuleSet::adopt_state`].
 pub struct RuleSet {
     /// The CEL standard library, shared by every condition.
     env: Arc<Env>,
     /// In file order, then in order within each file; evaluated in this order.
     rules: Vec<Rule>,
+    /// Indexes of the rules with something for [`RuleSet::tick`] to do.
+    timed: Vec<usize>,
+    /// The most devices one rule tracks.
+    max_devices: usize,
+    /// Indexes of the deadband rules that passed the reading being evaluated
+    /// (kept to reuse its allocation).
+    passed: Vec<usize>,
 }
 
 /// One reading, as the agent decoded it.
@@ -29,26 +45,70 @@ pub struct Reading<'a> {
     pub source: &'a str,
     /// The device id.
     pub device: &'a str,
-    /// When the reading was taken (or received, if the device did not say).
+    /// When the reading was taken (or received, if the device did not say). Every
+    /// time-based trigger (`for`, `rate`, `stale`, `count`, `aggregate`) goes by it.
     pub time: DateTime<Utc>,
-    /// The reading's values; each top-level key is a variable in `when` expressions.
+    /// The reading's values; each top-level key is a variable in expressions.
     pub fields: &'a serde_json::Map<String, serde_json::Value>,
 }
 
-/// What to do with one reading.
+/// What the rules made of one reading, or of one [`RuleSet::tick`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
-    /// Whether to forward the reading itself. Always `true` in this version; rules
-    /// that drop or thin out readings come later.
+    /// Whether to forward the reading itself: `false` if a `forward = false` rule
+    /// matched it or a deadband held it back. Always `true` from [`RuleSet::tick`].
     pub forward: bool,
-    /// One alert per rule that fired, in rule order.
+    /// The events raised, in rule order (and within a rule, in time order).
     pub alerts: Vec<Alert>,
-    /// One error per rule whose condition could not be evaluated on this reading; the
-    /// other rules still ran.
+    /// The local actions to run, in the order they were decided.
+    pub actions: Vec<Action>,
+    /// One error per rule that could not do its work on this reading; the other
+    /// rules still ran.
     pub errors: Vec<EvalError>,
 }
 
-/// An alert raised by a rule.
+impl Default for Outcome {
+    /// Nothing happened: forward the reading, no events, actions or errors.
+    fn default() -> Self {
+        Outcome {
+            forward: true,
+            alerts: Vec::new(),
+            actions: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+}
+
+/// Which step of its life an event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transition {
+    /// The alert's condition became true (for `emit.every_reading` rules: was true
+    /// on a reading).
+    Fired,
+    /// The alert's condition is over.
+    Resolved,
+    /// An aggregate window closed.
+    Window,
+}
+
+impl Transition {
+    /// `"fired"`, `"resolved"` or `"window"`, as in the event data.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transition::Fired => "fired",
+            Transition::Resolved => "resolved",
+            Transition::Window => "window",
+        }
+    }
+}
+
+impl fmt::Display for Transition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An event raised by a rule with `emit`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alert {
     /// The rule's `id`.
@@ -59,12 +119,42 @@ pub struct Alert {
     pub severity: Option<String>,
     /// `emit.to`, if given: the sinks to send the alert to.
     pub to: Option<Vec<String>>,
-    /// `{"rule": <id>, "device": <device id>, "values": <the reading's fields>}`.
+    /// `{"rule", "device", "transition", ...}` and what the kind of rule adds; see
+    /// `docs/RULES.md`, "Events".
     pub data: serde_json::Value,
+    /// Which step of the alert's life this is.
+    pub transition: Transition,
+    /// The device the event is about.
+    pub device: String,
+    /// The input of the device's last reading.
+    pub source: String,
+    /// When it happened: the reading's time for a transition a reading caused; the
+    /// moment it became due for one time caused (a stale sensor: its last reading's
+    /// time plus `stale`; a count that dropped: when its oldest reading left the
+    /// window; an aggregate: the window's end), whichever call noticed it.
+    pub time: DateTime<Utc>,
 }
 
-/// A rule's condition could not be evaluated on a reading: a field it uses is
-/// missing or of the wrong type, or the condition did not give a bool.
+/// A local action decided by a rule with `action`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Publish `payload` to `topic` on the local MQTT broker.
+    MqttPublish {
+        /// The rule's `id`.
+        rule: String,
+        /// The topic, placeholders substituted; never contains a wildcard.
+        topic: String,
+        /// The payload, placeholders substituted.
+        payload: String,
+        /// 0 or 1.
+        qos: u8,
+        retain: bool,
+    },
+}
+
+/// A rule could not do its work on a reading: a field it uses is missing or of the
+/// wrong type, a condition did not give a bool, a reading came too late for its
+/// window, or the rule tracks as many devices as it may.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EvalError {
     /// The rule's `id`.
@@ -81,12 +171,40 @@ impl fmt::Display for EvalError {
 
 impl std::error::Error for EvalError {}
 
+/// One rule, for listings ([`RuleSet::describe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleDescription {
+    /// The rule's `id`.
+    pub id: String,
+    /// `condition`, `sustained`, `hysteresis`, `every-reading`, `rate`, `stale`,
+    /// `count`, `aggregate`, `deadband` or `drop`.
+    pub kind: &'static str,
+    /// The rule in one line, e.g. ``alert while `temperature > -15` for 10m, until
+    /// `temperature < -18` ``.
+    pub summary: String,
+    /// How many devices the rule keeps state for right now.
+    pub tracked_devices: usize,
+}
+
+/// What [`RuleSet::restore_alert_state`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Rules whose state was restored, with how many devices each.
+    pub rules: Vec<(String, usize)>,
+    /// Rules in the saved state that were left out, each with the reason: no rule
+    /// has that id any more, or its definition changed.
+    pub ignored: Vec<(String, String)>,
+}
+
 impl RuleSet {
     /// A rule set with no rules: every reading is forwarded, nothing else happens.
     pub fn empty() -> Self {
         RuleSet {
             env: expr::new_env(),
             rules: Vec::new(),
+            timed: Vec::new(),
+            max_devices: MAX_DEVICES_PER_RULE,
+            passed: Vec::new(),
         }
     }
 
@@ -118,7 +236,22 @@ impl RuleSet {
                 ))),
             }
         })?;
-        Ok(RuleSet { env, rules })
+        let timed = (0..rules.len())
+            .filter(|&i| rules[i].kind.has_timers())
+            .collect();
+        Ok(RuleSet {
+            env,
+            rules,
+            timed,
+            max_devices: MAX_DEVICES_PER_RULE,
+            passed: Vec::new(),
+        })
+    }
+
+    /// Sets how many devices each rule may keep state for (default
+    /// [`MAX_DEVICES_PER_RULE`]). Devices already tracked stay tracked.
+    pub fn set_max_devices_per_rule(&mut self, max: usize) {
+        self.max_devices = max;
     }
 
     /// The number of rules.
@@ -136,30 +269,144 @@ impl RuleSet {
         self.rules.iter().map(|rule| rule.id.as_str())
     }
 
+    /// Every rule with its kind and a one-line summary, in evaluation order.
+    pub fn describe(&self) -> Vec<RuleDescription> {
+        self.rules
+            .iter()
+            .map(|rule| RuleDescription {
+                id: rule.id.clone(),
+                kind: rule.kind.name(),
+                summary: rule.summary.clone(),
+                tracked_devices: rule.kind.tracked(),
+            })
+            .collect()
+    }
+
     /// Runs one reading through every rule whose `match` it satisfies, in order.
     ///
-    /// Never panics and never fails as a whole: a rule that cannot be evaluated on
+    /// Never panics and never fails as a whole: a rule that cannot do its work on
     /// this reading adds an [`EvalError`] and the others still run.
     pub fn evaluate(&mut self, reading: &Reading<'_>) -> Outcome {
-        let mut outcome = Outcome {
-            forward: true,
-            alerts: Vec::new(),
-            errors: Vec::new(),
-        };
-        // Built on first use: readings no rule matches cost no conversion.
-        let mut bindings: Option<Bindings<'_>> = None;
-        for rule in &mut self.rules {
+        let mut outcome = Outcome::default();
+        let mut ctx = Ctx::new(&self.env, reading, self.max_devices);
+        self.passed.clear();
+        for (i, rule) in self.rules.iter_mut().enumerate() {
             if !rule.matcher.matches(reading) {
                 continue;
             }
-            let bindings = bindings.get_or_insert_with(|| Bindings::new(&self.env, reading));
-            match rule.evaluate(bindings, reading) {
-                Ok(Some(alert)) => outcome.alerts.push(alert),
-                Ok(None) => {}
-                Err(error) => outcome.errors.push(error),
+            match rule.evaluate(&mut ctx, &mut outcome) {
+                Vote::Keep => {}
+                Vote::Drop => outcome.forward = false,
+                Vote::Passed => self.passed.push(i),
+            }
+        }
+        if outcome.forward {
+            for &i in &self.passed {
+                if let Some(rule) = self.rules.get_mut(i) {
+                    rule.commit(reading, self.max_devices, &mut outcome);
+                }
             }
         }
         outcome
+    }
+
+    /// Lets time pass: fires stale sensors and resolves counts whose moment came at
+    /// or before `now`, and closes aggregate windows that ended by then. The agent
+    /// calls it every second with its clock; `ferry rules test` with each reading's
+    /// time and once at the end.
+    ///
+    /// Cheap when nothing is due: one comparison per rule with timers.
+    pub fn tick(&mut self, now: DateTime<Utc>) -> Outcome {
+        let mut outcome = Outcome::default();
+        for &i in &self.timed {
+            if let Some(rule) = self.rules.get_mut(i) {
+                rule.tick(now, self.max_devices, &mut outcome);
+            }
+        }
+        outcome
+    }
+
+    /// After a reload: takes over the state of every rule of `previous` that has the
+    /// same id and the same definition (compared by a fingerprint of the parsed rule,
+    /// so comments, layout, key order and `description` do not count). Every other
+    /// rule starts afresh.
+    pub fn adopt_state(&mut self, mut previous: RuleSet) {
+        let old: HashMap<String, usize> = previous
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| (rule.id.clone(), i))
+            .collect();
+        for rule in &mut self.rules {
+            let Some(old) = old.get(&rule.id).and_then(|&i| previous.rules.get_mut(i)) else {
+                continue;
+            };
+            if old.fingerprint == rule.fingerprint {
+                rule.kind.adopt(&mut old.kind);
+            }
+        }
+    }
+
+    /// The state to keep across a restart, as versioned JSON:
+    ///
+    /// ```json
+    /// {"version": 1, "rules": {"<rule id>": {"fingerprint": "<hex>", "devices": {"<device>": {...}}}}}
+    /// ```
+    ///
+    /// Per device: open alerts and `for` timers (`when` rules), open alerts (`rate`),
+    /// every device's last reading time (`stale`, so that a device that falls silent
+    /// while the agent is down is still noticed), open alerts with their window
+    /// (`count`). Aggregate windows in progress and deadband references are not kept.
+    pub fn alert_state(&self) -> serde_json::Value {
+        let mut rules = Map::new();
+        for rule in &self.rules {
+            let Some(devices) = rule.kind.save() else {
+                continue;
+            };
+            let mut entry = Map::new();
+            entry.insert("fingerprint".into(), Value::from(rule.fingerprint.as_str()));
+            entry.insert("devices".into(), Value::Object(devices));
+            rules.insert(rule.id.clone(), Value::Object(entry));
+        }
+        let mut state = Map::new();
+        state.insert("version".into(), Value::from(ALERT_STATE_VERSION));
+        state.insert("rules".into(), Value::Object(rules));
+        Value::Object(state)
+    }
+
+    /// Restores what [`RuleSet::alert_state`] gave, at start, for the rules with the
+    /// same id and definition; the state of every other rule in `state` is ignored,
+    /// as is a state of another version or shape. Never fails: the worst case is
+    /// starting afresh.
+    pub fn restore_alert_state(&mut self, state: &serde_json::Value) -> Restored {
+        let mut restored = Restored::default();
+        if state.get("version").and_then(Value::as_u64) != Some(ALERT_STATE_VERSION) {
+            return restored;
+        }
+        let Some(saved) = state.get("rules").and_then(Value::as_object) else {
+            return restored;
+        };
+        for (id, entry) in saved {
+            let Some(rule) = self.rules.iter_mut().find(|rule| &rule.id == id) else {
+                restored
+                    .ignored
+                    .push((id.clone(), "no rule has this id any more".into()));
+                continue;
+            };
+            let fingerprint = entry.get("fingerprint").and_then(Value::as_str);
+            if fingerprint != Some(rule.fingerprint.as_str()) {
+                restored
+                    .ignored
+                    .push((id.clone(), "the rule's definition changed".into()));
+                continue;
+            }
+            let Some(devices) = entry.get("devices").and_then(Value::as_object) else {
+                continue;
+            };
+            let count = rule.kind.restore(devices, self.max_devices);
+            restored.rules.push((id.clone(), count));
+        }
+        restored
     }
 }
 
@@ -243,6 +490,7 @@ emit = { type = "com.clinic.bp.high" }
             Outcome {
                 forward: true,
                 alerts: vec![],
+                actions: vec![],
                 errors: vec![]
             }
         );
@@ -269,8 +517,13 @@ emit = { type = "com.clinic.bp.high" }
                 data: json!({
                     "rule": "freezer-warm",
                     "device": "freezer-3",
+                    "transition": "fired",
                     "values": {"temperature": -14.5},
                 }),
+                transition: Transition::Fired,
+                device: "freezer-3".into(),
+                source: "local".into(),
+                time: DateTime::<Utc>::UNIX_EPOCH,
             }]
         );
         // bp-high has no `match`, so it saw the reading too, and had no `bp`.

@@ -20,7 +20,7 @@
 //! brackets deep or whose syntax tree is deeper than [`MAX_DEPTH`], which keeps
 //! evaluation well inside a 2 MiB thread stack (tokio's default), even in debug builds.
 
-use cel::common::ast::{EntryExpr, Expr, IdedExpr};
+use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::common::types::{CelBool, CelDouble, CelList, CelMap, CelMapKey, CelNull, CelString};
 use cel::common::value::Val;
 use cel::{Context, Env, ExecutionError, Program, Value};
@@ -63,10 +63,12 @@ pub(crate) fn new_env() -> Arc<Env> {
     Arc::new(Env::stdlib())
 }
 
-/// A compiled `when` expression.
+/// A compiled condition (`when` or `clear_when`).
 #[derive(Debug)]
 pub(crate) struct Condition {
     program: Program,
+    /// The key the expression was written under, for messages.
+    key: &'static str,
 }
 
 /// Why an expression did not compile, and where in the expression.
@@ -95,22 +97,27 @@ impl ExprError {
 }
 
 impl Condition {
-    /// Compiles `source`. Needs a big stack: call it on a thread with
+    /// Compiles `source`, written under `key` (`when`, `clear_when`), which names it
+    /// in messages. Needs a big stack: call it on a thread with
     /// [`COMPILE_STACK_SIZE`].
-    pub(crate) fn compile(env: &Env, source: &str) -> Result<Condition, ExprError> {
+    pub(crate) fn compile(
+        env: &Env,
+        key: &'static str,
+        source: &str,
+    ) -> Result<Condition, ExprError> {
         if source.trim().is_empty() {
-            return Err(ExprError::whole("`when` is empty"));
+            return Err(ExprError::whole(format!("`{key}` is empty")));
         }
         if source.len() > MAX_EXPRESSION_LEN {
             return Err(ExprError::whole(format!(
-                "`when` is {} bytes long; the limit is {MAX_EXPRESSION_LEN}",
+                "`{key}` is {} bytes long; the limit is {MAX_EXPRESSION_LEN}",
                 source.len()
             )));
         }
         check_nesting(source)?;
         let program = match catch_unwind(AssertUnwindSafe(|| env.compile(source))) {
             Ok(Ok(program)) => program,
-            Ok(Err(errors)) => return Err(parse_error(source, &errors)),
+            Ok(Err(errors)) => return Err(parse_error(source, &errors, key)),
             Err(_) => {
                 return Err(ExprError::whole(
                     "the CEL parser failed on this expression (a bug in the parser; \
@@ -119,9 +126,12 @@ impl Condition {
             }
         };
         if deeper_than(program.expression(), MAX_DEPTH) {
-            return Err(ExprError::whole(too_deep_message()));
+            return Err(ExprError::whole(too_deep_message(key)));
         }
-        Ok(Condition { program })
+        if let Some(message) = never_true(program.expression(), key) {
+            return Err(ExprError::whole(message));
+        }
+        Ok(Condition { program, key })
     }
 
     /// Evaluates the condition. `Err` carries a message for an
@@ -131,7 +141,8 @@ impl Condition {
         match result {
             Ok(Ok(Value::Bool(b))) => Ok(b),
             Ok(Ok(other)) => Err(format!(
-                "`when` must give true or false, but gave {}",
+                "`{}` must give true or false, but gave {}",
+                self.key,
                 describe(&other)
             )),
             Ok(Err(error)) => Err(execution_error(&error, bindings)),
@@ -327,6 +338,182 @@ fn deeper_than(root: &IdedExpr, limit: usize) -> bool {
     false
 }
 
+/// The nodes of the syntax tree under `root`, parents before children. Walks with
+/// its own stack, so it is safe on any tree.
+fn nodes(root: &IdedExpr) -> Vec<&IdedExpr> {
+    let mut stack = vec![root];
+    let mut all = Vec::new();
+    while let Some(node) = stack.pop() {
+        all.push(node);
+        match &node.expr {
+            Expr::Call(call) => {
+                stack.extend(call.target.as_deref());
+                stack.extend(call.args.iter());
+            }
+            Expr::Comprehension(c) => stack.extend([
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ]),
+            Expr::List(list) => stack.extend(list.elements.iter()),
+            Expr::Map(map) => {
+                for e in &map.entries {
+                    match &e.expr {
+                        EntryExpr::MapEntry(e) => stack.extend([&e.key, &e.value]),
+                        EntryExpr::StructField(f) => stack.push(&f.value),
+                    }
+                }
+            }
+            Expr::Struct(s) => {
+                for e in &s.entries {
+                    match &e.expr {
+                        EntryExpr::MapEntry(e) => stack.extend([&e.key, &e.value]),
+                        EntryExpr::StructField(f) => stack.push(&f.value),
+                    }
+                }
+            }
+            Expr::Select(select) => stack.push(&select.operand),
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+        }
+    }
+    all
+}
+
+/// What the type of a literal says about comparing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LiteralKind {
+    Number,
+    String,
+    Bool,
+    Bytes,
+    Null,
+}
+
+impl LiteralKind {
+    fn of(expr: &IdedExpr) -> Option<LiteralKind> {
+        let Expr::Literal(literal) = &expr.expr else {
+            return None;
+        };
+        Some(match literal {
+            LiteralValue::Int(_) | LiteralValue::UInt(_) | LiteralValue::Double(_) => {
+                LiteralKind::Number
+            }
+            LiteralValue::String(_) => LiteralKind::String,
+            LiteralValue::Boolean(_) => LiteralKind::Bool,
+            LiteralValue::Bytes(_) => LiteralKind::Bytes,
+            LiteralValue::Null => LiteralKind::Null,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            LiteralKind::Number => "a number",
+            LiteralKind::String => "a string",
+            LiteralKind::Bool => "a bool",
+            LiteralKind::Bytes => "bytes",
+            LiteralKind::Null => "null",
+        }
+    }
+}
+
+/// Mistakes the types of literals give away: a condition that is a constant other
+/// than a bool (`when = "1"`), or a comparison of two literals of different kinds
+/// (`'open' > 3`, an error on every reading; `'1' == 1`, never true). What fields
+/// hold is only known per reading, so nothing involving a field is judged here.
+fn never_true(root: &IdedExpr, key: &str) -> Option<String> {
+    if let Some(kind) = LiteralKind::of(root) {
+        if kind != LiteralKind::Bool {
+            return Some(format!(
+                "`{key}` is {}, not a condition: it must give true or false",
+                kind.name()
+            ));
+        }
+    }
+    for node in nodes(root) {
+        let Expr::Call(call) = &node.expr else {
+            continue;
+        };
+        let symbol = match call.func_name.as_str() {
+            "_<_" => "<",
+            "_<=_" => "<=",
+            "_>_" => ">",
+            "_>=_" => ">=",
+            "_==_" => "==",
+            "_!=_" => "!=",
+            _ => continue,
+        };
+        let [left, right] = call.args.as_slice() else {
+            continue;
+        };
+        let (Some(left), Some(right)) = (LiteralKind::of(left), LiteralKind::of(right)) else {
+            continue;
+        };
+        let equality = symbol == "==" || symbol == "!=";
+        if left == right || (equality && (left == LiteralKind::Null || right == LiteralKind::Null))
+        {
+            continue;
+        }
+        let outcome = if equality {
+            if symbol == "==" {
+                "never true"
+            } else {
+                "always true"
+            }
+        } else {
+            "an error on every reading"
+        };
+        return Some(format!(
+            "`{key}` compares {} with {} using `{symbol}`, which is {outcome}",
+            left.name(),
+            right.name()
+        ));
+    }
+    None
+}
+
+/// `source` with comments dropped and whitespace cut to what separates tokens, so
+/// that two ways of laying out one expression give the same text. String literals
+/// are kept as written. Used for rule fingerprints.
+pub(crate) fn canonical(source: &str) -> String {
+    let bytes = source.as_bytes();
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut out = String::with_capacity(source.len());
+    let mut space = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let Some(c) = source[i..].chars().next() else {
+            break;
+        };
+        if c == '/' && bytes.get(i + 1) == Some(&b'/') {
+            while i < bytes.len() && bytes[i] != b'\n' {
+                i += 1;
+            }
+            space = true;
+            continue;
+        }
+        if c.is_whitespace() {
+            space = true;
+            i += c.len_utf8();
+            continue;
+        }
+        if space && out.chars().next_back().is_some_and(word) && word(c) {
+            out.push(' ');
+        }
+        space = false;
+        if c == '"' || c == '\'' {
+            let end = skip_string(bytes, i, c as u8).min(bytes.len());
+            out.push_str(source.get(i..end).unwrap_or(""));
+            i = end.max(i + 1);
+            continue;
+        }
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out
+}
+
 fn push_entry<'a>(stack: &mut Vec<(&'a IdedExpr, usize)>, entry: &'a EntryExpr, depth: usize) {
     match entry {
         EntryExpr::MapEntry(e) => stack.extend([(&e.key, depth), (&e.value, depth)]),
@@ -334,9 +521,9 @@ fn push_entry<'a>(stack: &mut Vec<(&'a IdedExpr, usize)>, entry: &'a EntryExpr, 
     }
 }
 
-fn too_deep_message() -> String {
+fn too_deep_message(key: &str) -> String {
     format!(
-        "`when` is nested too deeply (its syntax tree is more than {MAX_DEPTH} levels deep); \
+        "`{key}` is nested too deeply (its syntax tree is more than {MAX_DEPTH} levels deep); \
          simplify it"
     )
 }
@@ -345,17 +532,17 @@ fn too_deep_message() -> String {
 ///
 /// The parser can report an internal complaint about an incomplete node at 1:1 ahead
 /// of the syntax error that caused it; the syntax error is the one to show.
-fn parse_error(source: &str, errors: &cel::ParseErrors) -> ExprError {
+fn parse_error(source: &str, errors: &cel::ParseErrors, key: &str) -> ExprError {
     let first = errors
         .errors
         .iter()
         .find(|e| e.msg.starts_with("Syntax error: "))
         .or(errors.errors.first());
     let Some(first) = first else {
-        return ExprError::whole("`when` is not a valid CEL expression");
+        return ExprError::whole(format!("`{key}` is not a valid CEL expression"));
     };
     if first.msg.contains("Recursion limit") {
-        return ExprError::whole(too_deep_message());
+        return ExprError::whole(too_deep_message(key));
     }
     let message = first
         .msg
@@ -363,7 +550,7 @@ fn parse_error(source: &str, errors: &cel::ParseErrors) -> ExprError {
         .unwrap_or(&first.msg);
     ExprError {
         offset: offset_of(source, first.pos.0, first.pos.1),
-        message: format!("syntax error in `when`: {message}"),
+        message: format!("syntax error in `{key}`: {message}"),
     }
 }
 
@@ -471,9 +658,12 @@ mod tests {
     use chrono::{TimeZone, Utc};
     use serde_json::json;
 
+    /// The key test expressions are written under.
+    const W: &str = "when";
+
     fn eval_with(expr: &str, fields: serde_json::Value, device: &str) -> Result<bool, String> {
         let env = new_env();
-        let condition = Condition::compile(&env, expr).map_err(|e| e.message)?;
+        let condition = Condition::compile(&env, W, expr).map_err(|e| e.message)?;
         let serde_json::Value::Object(fields) = fields else {
             return Err("fields must be an object".into());
         };
@@ -669,11 +859,56 @@ mod tests {
     fn a_non_bool_result_is_an_error() {
         let err = eval("temperature + 1.0", json!({"temperature": 1})).unwrap_err();
         assert_eq!(err, "`when` must give true or false, but gave the double 2");
-        let err = eval("'x'", json!({})).unwrap_err();
+        let err = eval("door", json!({"door": "x"})).unwrap_err();
         assert_eq!(
             err,
             "`when` must give true or false, but gave the string \"x\""
         );
+    }
+
+    #[test]
+    fn literals_that_give_away_a_mistake_are_refused_when_compiling() {
+        let message = |expr: &str| {
+            Condition::compile(&new_env(), W, expr)
+                .err()
+                .map(|e| e.message)
+        };
+        assert_eq!(
+            message("'x'").as_deref(),
+            Some("`when` is a string, not a condition: it must give true or false")
+        );
+        assert_eq!(
+            message("t > 1 && 'open' > 3").as_deref(),
+            Some("`when` compares a string with a number using `>`, which is an error on every reading")
+        );
+        assert_eq!(
+            message("'1' == 1").as_deref(),
+            Some("`when` compares a string with a number using `==`, which is never true")
+        );
+        // Fields are only known per reading; numbers of any type compare; null
+        // equality is a test; `false` is a valid (if idle) condition.
+        for fine in [
+            "door > 3",
+            "1 < 2.5",
+            "2u == 2",
+            "x == null",
+            "false",
+            "t > -15",
+        ] {
+            assert_eq!(message(fine), None, "{fine}");
+        }
+    }
+
+    #[test]
+    fn canonical_text_ignores_layout_and_comments_but_not_strings() {
+        assert_eq!(canonical("a > 1"), canonical("a>1"));
+        assert_eq!(
+            canonical("  a > 1 &&\n  // why\n  b in [1, 2]"),
+            "a>1&&b in[1,2]"
+        );
+        assert_eq!(canonical("s == 'a  b'"), "s=='a  b'");
+        assert_ne!(canonical("s == 'a  b'"), canonical("s == 'a b'"));
+        assert_ne!(canonical("a > 1"), canonical("a > 2"));
     }
 
     #[test]
@@ -691,31 +926,31 @@ mod tests {
     #[test]
     fn a_too_long_expression_is_refused() {
         let expr = format!("t > 1{}", " ".repeat(MAX_EXPRESSION_LEN));
-        let err = Condition::compile(&new_env(), &expr).unwrap_err();
+        let err = Condition::compile(&new_env(), W, &expr).unwrap_err();
         assert_eq!(err.offset, None);
         assert_eq!(err.message, "`when` is 1029 bytes long; the limit is 1024");
     }
 
     #[test]
     fn an_empty_expression_is_refused() {
-        let err = Condition::compile(&new_env(), "  ").unwrap_err();
+        let err = Condition::compile(&new_env(), W, "  ").unwrap_err();
         assert_eq!(err.message, "`when` is empty");
     }
 
     #[test]
     fn a_syntax_error_points_into_the_expression() {
-        let err = Condition::compile(&new_env(), "a >").unwrap_err();
+        let err = Condition::compile(&new_env(), W, "a >").unwrap_err();
         assert_eq!(err.offset, Some(3));
         assert!(err
             .message
             .starts_with("syntax error in `when`: mismatched input '<EOF>'"));
-        let err = Condition::compile(&new_env(), "a > 1 &&\n  ? b").unwrap_err();
+        let err = Condition::compile(&new_env(), W, "a > 1 &&\n  ? b").unwrap_err();
         assert_eq!(err.offset, Some(11));
     }
 
     #[test]
     fn syntax_error_columns_count_characters() {
-        let err = Condition::compile(&new_env(), "s == 'é' ? b").unwrap_err();
+        let err = Condition::compile(&new_env(), W, "s == 'é' ? b").unwrap_err();
         assert_eq!(err.offset, Some("s == 'é' ? b".len()));
     }
 
@@ -730,14 +965,14 @@ mod tests {
             format!("s == 'it\\'s {brackets}'"),
             format!("s == '' // {brackets}\n"),
         ] {
-            assert!(Condition::compile(&new_env(), &expr).is_ok(), "{expr}");
+            assert!(Condition::compile(&new_env(), W, &expr).is_ok(), "{expr}");
         }
     }
 
     #[test]
     fn brackets_nested_too_deeply_are_refused_at_the_first_bracket_too_deep() {
         let expr = format!("{}t{}", "(".repeat(500), ")".repeat(500));
-        let err = Condition::compile(&new_env(), &expr).unwrap_err();
+        let err = Condition::compile(&new_env(), W, &expr).unwrap_err();
         assert_eq!(err.offset, Some(MAX_NESTING));
         assert_eq!(
             err.message,
@@ -799,7 +1034,7 @@ mod tests {
                         let mut best = None;
                         while too_deep - ok > 1 {
                             let k = (ok + too_deep) / 2;
-                            match Condition::compile(&env, &shape(k)) {
+                            match Condition::compile(&env, W, &shape(k)) {
                                 Ok(condition) => (ok, best) = (k, Some(condition)),
                                 Err(_) => too_deep = k,
                             }
@@ -892,7 +1127,7 @@ mod tests {
     #[test]
     fn a_syntax_tree_deeper_than_the_limit_is_refused() {
         let expr = format!("{}1.0 > 0", "1.0 + ".repeat(MAX_DEPTH));
-        let err = Condition::compile(&new_env(), &expr).unwrap_err();
+        let err = Condition::compile(&new_env(), W, &expr).unwrap_err();
         assert_eq!(
             err.message,
             "`when` is nested too deeply (its syntax tree is more than 24 levels deep); \
@@ -921,7 +1156,7 @@ mod tests {
                 ];
                 exprs
                     .iter()
-                    .map(|expr| Condition::compile(&env, expr).map(|_| ()))
+                    .map(|expr| Condition::compile(&env, W, expr).map(|_| ()))
                     .collect::<Vec<_>>()
             });
         let results = thread.map(|t| t.join());

@@ -4,7 +4,11 @@
 //! that a later check may need to point at; what the values mean is checked in
 //! [`check`](crate::check).
 
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 use std::ops::Range;
 use toml::Spanned;
 
@@ -12,12 +16,14 @@ use toml::Spanned;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RuleFile {
-    /// The `[[rule]]` tables, in file order. A file without any is valid.
+    /// The `[[rule]]` tables, in file order, each with its place (from its header).
+    /// A file without any is valid.
     #[serde(default)]
-    pub rule: Vec<RuleDef>,
+    pub rule: Vec<Spanned<RuleDef>>,
 }
 
-/// One `[[rule]]` table.
+/// One `[[rule]]` table. Which keys may go together is checked in
+/// [`check`](crate::check); here every key is optional but `id`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a rule table")]
 pub(crate) struct RuleDef {
@@ -31,10 +37,37 @@ pub(crate) struct RuleDef {
     /// Which readings the rule looks at; all of them when left out.
     #[serde(rename = "match", default)]
     pub matcher: Option<MatchDef>,
-    /// The CEL condition; the rule fires for every reading it is true for.
-    pub when: Spanned<String>,
-    /// The alert raised when the rule fires.
-    pub emit: EmitDef,
+    /// A CEL condition: what fires an alert, or (with `rate`, `stale`, `count`,
+    /// `aggregate`, `forward`) which readings the rule looks at.
+    #[serde(default)]
+    pub when: Option<Spanned<String>>,
+    /// Sustained: `when` must hold this long (by reading time) before firing.
+    #[serde(rename = "for", default)]
+    pub sustained: Option<Spanned<String>>,
+    /// Hysteresis: the condition that resolves a firing alert.
+    #[serde(default)]
+    pub clear_when: Option<Spanned<String>>,
+    /// Rate of change of one field between consecutive readings of a device.
+    #[serde(default)]
+    pub rate: Option<Placed<RateDef>>,
+    /// Stale sensor: no (matching) reading from a device for this long.
+    #[serde(default)]
+    pub stale: Option<Spanned<String>>,
+    /// At least N matching readings within a sliding window.
+    #[serde(default)]
+    pub count: Option<Placed<CountDef>>,
+    /// Tumbling-window aggregates per device.
+    #[serde(default)]
+    pub aggregate: Option<Placed<AggregateDef>>,
+    /// Drop readings (`false`) or forward only changes (`{ deadband = {...} }`).
+    #[serde(default)]
+    pub forward: Option<Placed<ForwardDef>>,
+    /// The CloudEvent raised on each transition.
+    #[serde(default)]
+    pub emit: Option<Placed<EmitDef>>,
+    /// A local action run on each transition.
+    #[serde(default)]
+    pub action: Option<Placed<ActionDef>>,
 }
 
 /// `match = { device = "...", source = "..." }`: globs the reading must match. Both
@@ -53,7 +86,7 @@ pub(crate) struct MatchDef {
     pub source: Option<Spanned<String>>,
 }
 
-/// `emit = { type = "...", severity = "...", to = [...] }`.
+/// `emit = { type = "...", severity = "...", to = [...], every_reading = false }`.
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
@@ -69,13 +102,229 @@ pub(crate) struct EmitDef {
     /// Names of the sinks to send the alert to; when left out, the agent decides.
     #[serde(default)]
     pub to: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `true`: one event for every reading `when` is true for (v1's behaviour),
+    /// instead of one per transition.
+    #[serde(default)]
+    pub every_reading: Option<Spanned<bool>>,
+}
+
+/// `rate = { field = "temperature", per = "1m", above = 2.0, below = -2.0 }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table like { field = \"temperature\", per = \"1m\", above = 2.0 }"
+)]
+pub(crate) struct RateDef {
+    /// The field whose rate of change is watched; `a.b` for a nested one.
+    pub field: Spanned<String>,
+    /// The time unit of the rate; `1s` when left out.
+    #[serde(default)]
+    pub per: Option<Spanned<String>>,
+    /// Fires while the rate is above this.
+    #[serde(default)]
+    pub above: Option<Spanned<f64>>,
+    /// Fires while the rate is below this.
+    #[serde(default)]
+    pub below: Option<Spanned<f64>>,
+}
+
+/// `count = { at_least = 10, within = "1h" }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table like { at_least = 10, within = \"1h\" }"
+)]
+pub(crate) struct CountDef {
+    pub at_least: Spanned<i64>,
+    pub within: Spanned<String>,
+}
+
+/// `aggregate = { every = "5m", fields = [...], functions = [...] }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table like { every = \"5m\", fields = [\"temperature\"] }"
+)]
+pub(crate) struct AggregateDef {
+    pub every: Spanned<String>,
+    pub fields: Spanned<Vec<Spanned<String>>>,
+    /// All of them when left out.
+    #[serde(default)]
+    pub functions: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `forward = false` or `forward = { deadband = {...}, at_least_every = "15m" }`.
+#[derive(Debug)]
+pub(crate) enum ForwardDef {
+    Bool(bool),
+    Table(ForwardTable),
+}
+
+/// The table form of `forward`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table like { deadband = { temperature = 0.5 } }"
+)]
+pub(crate) struct ForwardTable {
+    /// Field (or `a.b` path) to the change that makes a reading worth forwarding.
+    pub deadband: Placed<BTreeMap<String, Spanned<f64>>>,
+    /// Forward a reading anyway when none was forwarded for this long.
+    #[serde(default)]
+    pub at_least_every: Option<Spanned<String>>,
+}
+
+impl<'de> Deserialize<'de> for ForwardDef {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> Visitor<'de> for Either {
+            type Value = ForwardDef;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`false`, or a table like { deadband = { temperature = 0.5 } }")
+            }
+            fn visit_bool<E: de::Error>(self, value: bool) -> Result<ForwardDef, E> {
+                Ok(ForwardDef::Bool(value))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ForwardDef, A::Error> {
+                ForwardTable::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(ForwardDef::Table)
+            }
+        }
+        deserializer.deserialize_any(Either)
+    }
+}
+
+/// `action = { mqtt_publish = {...} }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table like { mqtt_publish = { topic = \"...\", payload = \"...\" } }"
+)]
+pub(crate) struct ActionDef {
+    pub mqtt_publish: Placed<MqttPublishDef>,
+}
+
+/// `mqtt_publish = { topic, payload, clear_payload, qos, retain }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table like { topic = \"...\", payload = \"...\" }"
+)]
+pub(crate) struct MqttPublishDef {
+    pub topic: Spanned<String>,
+    pub payload: Spanned<String>,
+    #[serde(default)]
+    pub clear_payload: Option<Spanned<String>>,
+    #[serde(default)]
+    pub qos: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub retain: Option<bool>,
+}
+
+/// A value with its place in the file, like [`Spanned`], except that it also
+/// accepts a table toml has no place for: one that only exists through dotted keys
+/// (`emit.type = "x"`) or a dotted header (`[rule.forward.deadband]`), which
+/// `Spanned` refuses. Such a table has `span: None`, and mistakes about it as a whole
+/// are reported at the rule.
+#[derive(Debug)]
+pub(crate) struct Placed<T> {
+    pub span: Option<Range<usize>>,
+    pub value: T,
+}
+
+impl<T> Placed<T> {
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.value
+    }
+
+    pub(crate) fn into_inner(self) -> T {
+        self.value
+    }
+
+    /// Where the value starts, if toml said.
+    pub(crate) fn start(&self) -> Option<usize> {
+        self.span.as_ref().map(|span| span.start)
+    }
+}
+
+/// How toml asks for a span: a struct of this name with these fields (the protocol
+/// of `serde_spanned`, which [`Spanned`] speaks; checked by the tests below).
+const SPANNED: &str = "$__serde_spanned_private_Spanned";
+const SPANNED_START: &str = "$__serde_spanned_private_start";
+const SPANNED_END: &str = "$__serde_spanned_private_end";
+const SPANNED_VALUE: &str = "$__serde_spanned_private_value";
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Placed<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PlacedVisitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for PlacedVisitor<T> {
+            type Value = Placed<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Placed<T>, A::Error> {
+                let first: Option<String> = map.next_key()?;
+                if first.as_deref() != Some(SPANNED_START) {
+                    // A table without a span: these are its own keys.
+                    let value = T::deserialize(de::value::MapAccessDeserializer::new(Replay {
+                        first,
+                        map,
+                    }))?;
+                    return Ok(Placed { span: None, value });
+                }
+                let start: usize = map.next_value()?;
+                let _end_key: Option<String> = map.next_key()?;
+                let end: usize = map.next_value()?;
+                let _value_key: Option<String> = map.next_key()?;
+                let value: T = map.next_value()?;
+                Ok(Placed {
+                    span: Some(start..end),
+                    value,
+                })
+            }
+        }
+        deserializer.deserialize_struct(
+            SPANNED,
+            &[SPANNED_START, SPANNED_END, SPANNED_VALUE],
+            PlacedVisitor(PhantomData),
+        )
+    }
+}
+
+/// A map whose first key was already read, read from the start again.
+struct Replay<A> {
+    first: Option<String>,
+    map: A,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for Replay<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        match self.first.take() {
+            Some(key) => seed
+                .deserialize(de::value::StringDeserializer::<A::Error>::new(key))
+                .map(Some),
+            None => self.map.next_key_seed(seed),
+        }
+    }
+
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
 }
 
 /// What [`parse`] found in one file.
 #[derive(Debug, Default)]
 pub(crate) struct Parsed {
-    /// Every rule that deserialized.
-    pub rules: Vec<RuleDef>,
+    /// Every rule that deserialized, with the place of its table.
+    pub rules: Vec<Spanned<RuleDef>>,
     /// `(byte offset, message)` for every TOML or schema error found.
     pub errors: Vec<(usize, String)>,
 }
@@ -209,14 +458,20 @@ type = "x.z"
         let parsed = parse(GOOD);
         assert!(parsed.errors.is_empty());
         assert_eq!(parsed.rules.len(), 2);
-        let a = &parsed.rules[0];
+        assert_eq!(&GOOD[parsed.rules[0].span()][..8], "[[rule]]");
+        let a = parsed.rules[0].get_ref();
         assert_eq!(a.id.get_ref(), "a");
         assert_eq!(&GOOD[a.id.span()], "\"a\"");
-        assert_eq!(&GOOD[a.when.span()], "\"t > 1\"");
+        assert_eq!(a.when.as_ref().map(|w| &GOOD[w.span()]), Some("\"t > 1\""));
         assert_eq!(a.description.as_deref(), Some("first"));
-        let b = &parsed.rules[1];
-        assert_eq!(b.emit.event_type.get_ref(), "x.z");
-        assert_eq!(b.when.get_ref(), "t > 2");
+        let b = parsed.rules[1].get_ref();
+        assert_eq!(
+            b.emit
+                .as_ref()
+                .map(|e| e.get_ref().event_type.get_ref().as_str()),
+            Some("x.z")
+        );
+        assert_eq!(b.when.as_ref().map(|w| w.get_ref().as_str()), Some("t > 2"));
     }
 
     #[test]
@@ -251,6 +506,7 @@ colour = "red"
 [[rule]]
 id = "b"
 when = "t > 1"
+rate = { field = "t", above = "2" }
 
 [[rule]]
 id = "c"
@@ -271,11 +527,12 @@ sevrity = "low"
                     5,
                     1,
                     "unknown field `colour`, expected one of `id`, `description`, `match`, \
-                     `when`, `emit`"
+                     `when`, `for`, `clear_when`, `rate`, `stale`, `count`, `aggregate`, \
+                     `forward`, `emit`, `action`"
                         .into()
                 ),
-                (7, 1, "missing field `emit`".into()),
-                (17, 6, "invalid type: integer `4`, expected a string".into()),
+                (10, 31, "invalid type: string \"2\", expected f64".into()),
+                (18, 6, "invalid type: integer `4`, expected a string".into()),
             ]
         );
         // The good rule is still there to be checked.
@@ -283,9 +540,70 @@ sevrity = "low"
         let ids: Vec<&str> = parsed
             .rules
             .iter()
-            .map(|r| r.id.get_ref().as_str())
+            .map(|r| r.get_ref().id.get_ref().as_str())
             .collect();
         assert_eq!(ids, ["c"]);
+    }
+
+    #[test]
+    fn forward_is_either_false_or_a_deadband_table() {
+        let text = r#"[[rule]]
+id = "a"
+forward = false
+
+[[rule]]
+id = "b"
+forward = { deadband = { temperature = 0.5, "bp.systolic" = 2 }, at_least_every = "15m" }
+
+[[rule]]
+id = "c"
+forward = "no"
+
+[[rule]]
+id = "d"
+forward = { deadband = { t = 1 }, every = "1m" }
+"#;
+        let parsed = parse(text);
+        assert!(matches!(
+            parsed.rules[0]
+                .get_ref()
+                .forward
+                .as_ref()
+                .map(|f| f.get_ref()),
+            Some(ForwardDef::Bool(false))
+        ));
+        let Some(ForwardDef::Table(table)) = parsed.rules[1]
+            .get_ref()
+            .forward
+            .as_ref()
+            .map(|f| f.get_ref())
+        else {
+            panic!("no deadband table");
+        };
+        let bands: Vec<(&str, f64)> = table
+            .deadband
+            .get_ref()
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v.get_ref()))
+            .collect();
+        assert_eq!(bands, [("bp.systolic", 2.0), ("temperature", 0.5)]);
+        assert_eq!(
+            errors(text),
+            [
+                (
+                    11,
+                    11,
+                    "invalid type: string \"no\", expected `false`, or a table like \
+                     { deadband = { temperature = 0.5 } }"
+                        .into()
+                ),
+                (
+                    15,
+                    35,
+                    "unknown field `every`, expected `deadband` or `at_least_every`".into()
+                ),
+            ]
+        );
     }
 
     #[test]
@@ -296,7 +614,10 @@ sevrity = "low"
 
     #[test]
     fn an_inline_array_of_rules_reports_its_first_error() {
-        let text = "rule = [{ id = \"a\", when = \"t\" }, { id = 1 }]\n";
-        assert_eq!(errors(text), [(1, 9, "missing field `emit`".into())]);
+        let text = "rule = [{ id = \"a\", when = 1 }, { id = 1 }]\n";
+        assert_eq!(
+            errors(text),
+            [(1, 28, "invalid type: integer `1`, expected a string".into())]
+        );
     }
 }

@@ -63,15 +63,24 @@
 //! - `diagnostic`: [`Diagnostic`], shared with the agent for its own config errors.
 
 mod check;
+mod devices;
 mod diagnostic;
+mod duration;
 mod engine;
 mod expr;
 mod file;
 mod glob;
+mod kinds;
 mod rule;
 mod toml_string;
 
-pub use check::{CheckOptions, SourceFile};
+pub use check::{CheckOptions, SourceFile, MAX_FIELDS};
+pub use devices::MAX_DEVICES_PER_RULE;
 pub use diagnostic::Diagnostic;
-pub use engine::{Alert, EvalError, Outcome, Reading, RuleSet};
+pub use duration::MAX_DURATION_DAYS;
+pub use engine::{
+    Action, Alert, EvalError, Outcome, Reading, Restored, RuleDescription, RuleSet, Transition,
+    ALERT_STATE_VERSION,
+};
 pub use expr::{COMPILE_STACK_SIZE, MAX_DEPTH, MAX_EXPRESSION_LEN, MAX_NESTING, MAX_VALUE_DEPTH};
+pub use kinds::MAX_COUNT;

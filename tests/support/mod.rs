@@ -341,6 +341,29 @@ impl Mosquitto {
         p.finish();
     }
 
+    /// Starts `mosquitto_sub` on `filter` with client id [`SUBSCRIBER_ID`]; its output
+    /// lines are `topic payload`.
+    pub fn subscribe(&self, filter: &str) -> Subscriber {
+        let mut cmd = tool("mosquitto_sub");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-t", filter, "-v", "-q", "1", "-i", SUBSCRIBER_ID]);
+        if let Some((user, password)) = &self.credentials {
+            cmd.args(["-u", user, "-P", password]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto_sub");
+        let lines = Arc::new(Mutex::new(String::new()));
+        capture(child.stdout.take().unwrap(), lines.clone());
+        Subscriber {
+            child: Some(child),
+            lines,
+        }
+    }
+
     /// A running `mosquitto_pub -l`: each [`LinePublisher::send`] publishes one message.
     pub fn line_publisher(&self, topic: &str, qos: u8) -> LinePublisher {
         let mut child = self
@@ -392,6 +415,35 @@ impl Drop for Mosquitto {
 }
 
 /// A `mosquitto_pub -l` process fed line by line.
+/// The client id of [`Mosquitto::subscribe`]'s `mosquitto_sub`.
+pub const SUBSCRIBER_ID: &str = "ferry-test-subscriber";
+
+/// A running `mosquitto_sub -v`.
+pub struct Subscriber {
+    child: Option<Child>,
+    lines: Arc<Mutex<String>>,
+}
+
+impl Subscriber {
+    /// Every `topic payload` line received so far.
+    pub fn messages(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+}
+
 pub struct LinePublisher {
     topic: String,
     child: Option<Child>,
@@ -1089,6 +1141,14 @@ impl Agent {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// Sends SIGHUP (reload the rules).
+    pub fn hup(&self) {
+        signal(
+            self.child.as_ref().expect("the agent is running"),
+            libc::SIGHUP,
+        );
     }
 
     /// The running agent's process id.

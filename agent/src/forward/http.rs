@@ -80,6 +80,11 @@ impl HttpSinkConfig {
     pub fn validate(&self, i: usize) -> Vec<Problem> {
         let mut out = Vec::new();
         match url::Url::parse(&self.url) {
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => out.push(problem!(
+                ["sink", "http", i, "url"],
+                "sink {:?}: credentials do not belong in the url (they would be logged); use auth = {{ bearer_file = \"...\" }}",
+                self.name
+            )),
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
             Ok(u) => out.push(problem!(
                 ["sink", "http", i, "url"],
@@ -125,7 +130,7 @@ impl HttpSinkConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpSinkError {
-    #[error("sink {sink:?}: cannot read bearer_file {path}: {source}")]
+    #[error("sink {sink:?}: cannot read bearer_file {path}")]
     Token {
         sink: String,
         path: String,
@@ -133,7 +138,7 @@ pub enum HttpSinkError {
     },
     #[error("sink {sink:?}: the token in bearer_file is not a valid header value")]
     BadToken { sink: String },
-    #[error("sink {sink:?}: cannot build the HTTP client: {source}")]
+    #[error("sink {sink:?}: cannot build the HTTP client")]
     Client {
         sink: String,
         source: reqwest::Error,
@@ -228,7 +233,7 @@ impl HttpSink {
             Some(a) => req.header(AUTHORIZATION, a.clone()),
             None => req,
         };
-        match req.send().await {
+        match req.send().await.map_err(reqwest::Error::without_url) {
             Ok(resp) => match classify_status(resp.status().as_u16()) {
                 Delivery::Retry { kind, detail, .. } => Delivery::Retry {
                     kind,
@@ -245,11 +250,25 @@ impl HttpSink {
                 } else {
                     "transport"
                 },
-                detail: e.to_string(),
+                detail: error_chain(&e),
                 after: None,
             },
         }
     }
+}
+
+/// An error with its causes ("error sending request: connection refused"), since
+/// reqwest's own message leaves the cause out. URLs are not included: they may
+/// carry tokens.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// `Retry-After` in its delay-seconds form (the HTTP-date form is rare from APIs and

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::ratelimit::RateLimit;
 use crate::store::{Store, StoreError};
 
 /// What the upstream said about one request.
@@ -43,23 +44,35 @@ pub enum Delivery {
 }
 
 /// How an HTTP status is treated.
+///
+/// Only statuses that say "this request's content is wrong" refuse events for good;
+/// everything that says "the endpoint, the credentials or the server are wrong right
+/// now" (401, 403, 404, 3xx, 5xx, ...) is retried, because dropping a whole backlog
+/// over an expired token or a typo in the URL would lose data an operator can still
+/// save by fixing the config.
 pub fn classify_status(status: u16) -> Delivery {
     match status {
         200..=299 => Delivery::Accepted,
-        // 408 and 429 say "later"; 5xx is the upstream's trouble; 3xx means the URL
-        // is wrong, which an operator can fix without losing what is buffered.
-        408 | 429 | 300..=399 | 500..=599 => Delivery::Retry {
-            kind: if status >= 500 {
-                "server_error"
-            } else {
-                "retryable_status"
-            },
-            detail: format!("HTTP {status}"),
-            after: None,
-        },
-        _ => Delivery::Rejected {
+        400 | 413 | 415 | 422 => Delivery::Rejected {
             detail: format!("HTTP {status}"),
         },
+        401 | 403 | 407 => retry(
+            "auth",
+            format!("HTTP {status}: check the sink's credentials"),
+        ),
+        404 | 405 | 410 | 300..=399 => {
+            retry("endpoint", format!("HTTP {status}: check the sink's url"))
+        }
+        500..=599 => retry("server_error", format!("HTTP {status}")),
+        _ => retry("retryable_status", format!("HTTP {status}")),
+    }
+}
+
+fn retry(kind: &'static str, detail: String) -> Delivery {
+    Delivery::Retry {
+        kind,
+        detail,
+        after: None,
     }
 }
 
@@ -144,6 +157,8 @@ async fn run_sink(
     let in_flight = sink.max_in_flight().max(1);
     let window = per_request * in_flight;
     let mut failing = false;
+    // One bad producer can make every event refused: keep the journal readable.
+    let mut refusal_log = RateLimit::new(10, Duration::from_secs(60));
 
     let mut cursor = blocking(store, {
         let name = name.clone();
@@ -203,7 +218,9 @@ async fn run_sink(
             }
             for (i, detail) in &round.refused {
                 let chunk = chunks[*i];
-                warn!(sink = %name, events = chunk.len(), first_seq = chunk[0].0, %detail, "upstream refused events permanently; dropping them");
+                if let Some(suppressed) = refusal_log.check(std::time::Instant::now()) {
+                    warn!(sink = %name, events = chunk.len(), first_seq = chunk[0].0, %detail, suppressed, "upstream refused events permanently; dropping them");
+                }
                 metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "rejected").increment(chunk.len() as u64);
             }
             pending = &pending[round.handled..];
@@ -328,8 +345,13 @@ pub fn retry_delay(backoff: Duration, retry_after: Option<Duration>) -> Duration
 }
 
 async fn advance(store: &Arc<dyn Store>, name: &str, to: u64) -> Result<(), StoreError> {
-    let name = name.to_string();
-    blocking(store, move |s| s.advance(&name, to)).await
+    let sink = name.to_string();
+    blocking(store, move |s| s.advance(&sink, to)).await?;
+    let stats = store.stats();
+    metrics::gauge!("ferry_sink_lag_records", "sink" => name.to_string())
+        .set(stats.next.saturating_sub(to) as f64);
+    crate::telemetry::store_gauges(&stats);
+    Ok(())
 }
 
 /// Runs a store call off the async threads.
@@ -419,8 +441,15 @@ mod tests {
     }
 
     #[test]
-    fn client_errors_are_refused_permanently() {
-        for s in [400, 401, 403, 404, 413, 422] {
+    fn auth_and_endpoint_errors_are_retried_so_a_config_fix_saves_the_backlog() {
+        for s in [401, 403, 404, 405, 407] {
+            assert!(matches!(classify_status(s), Delivery::Retry { .. }), "{s}");
+        }
+    }
+
+    #[test]
+    fn errors_about_the_content_refuse_the_events_for_good() {
+        for s in [400, 413, 415, 422] {
             assert!(
                 matches!(classify_status(s), Delivery::Rejected { .. }),
                 "{s}"

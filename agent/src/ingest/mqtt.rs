@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_rules::Action;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
@@ -117,6 +118,12 @@ impl MqttSourceConfig {
             "mqtts" | "ssl" => true,
             s => return Err(format!("url scheme must be mqtt or mqtts, not {s:?}")),
         };
+        if !u.username().is_empty() || u.password().is_some() {
+            return Err(
+                "credentials do not belong in the url (they would be logged); use username and password_file"
+                    .to_string(),
+            );
+        }
         let host = u
             .host_str()
             .filter(|h| !h.is_empty())
@@ -245,8 +252,14 @@ impl MqttSource {
     }
 
     /// Runs until `cancel`, then waits (bounded) for the PUBACKs of what the pipeline
-    /// committed, and disconnects.
-    pub async fn run(self, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
+    /// committed, and disconnects. `actions`, when given, are rule actions to publish
+    /// through this connection (local actuation: it needs no uplink).
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<Input>,
+        mut actions: Option<mpsc::Receiver<Action>>,
+        cancel: CancellationToken,
+    ) {
         let name = self.cfg.name.clone();
         let opts = match self.options() {
             Ok(o) => o,
@@ -290,6 +303,9 @@ impl MqttSource {
                     if client.try_disconnect().is_err() || !connected {
                         break;
                     }
+                }
+                Some(action) = async { match actions.as_mut() { Some(rx) => rx.recv().await, None => None } }, if running.is_some() => {
+                    publish_action(&client, &name, action);
                 }
                 _ = &mut grace, if running.is_none() => {
                     warn!(source = %name, "gave up waiting for acknowledgements; the broker will redeliver");
@@ -375,6 +391,33 @@ impl MqttSource {
     }
 }
 
+/// Queues a rule action's publish. Non-blocking (`try_publish`): this runs in the
+/// task that polls the event loop, which must never wait on the request channel.
+fn publish_action(client: &AsyncClient, source: &str, action: Action) {
+    let Action::MqttPublish {
+        rule,
+        topic,
+        payload,
+        qos,
+        retain,
+    } = action;
+    let qos = if qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    match client.try_publish(&topic, qos, retain, payload) {
+        Ok(()) => {
+            metrics::counter!("ferry_actions_sent_total", "rule" => rule.clone()).increment(1);
+            debug!(%source, %rule, %topic, "rule action published");
+        }
+        Err(error) => {
+            metrics::counter!("ferry_actions_dropped_total").increment(1);
+            warn!(%source, %rule, %topic, %error, "rule action could not be queued");
+        }
+    }
+}
+
 /// Sends PUBACKs in the order the pipeline committed the readings.
 async fn acker(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Publish>) {
     while let Some(p) = rx.recv().await {
@@ -405,6 +448,14 @@ mod tests {
         );
         let c = cfg("name='a'\nurl='mqtts://broker'\ntopics=['x']");
         assert_eq!(c.broker().unwrap().port, 8883);
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_refused_so_they_are_never_logged() {
+        let c = cfg("name='a'\nurl='mqtt://u:secret@broker'\ntopics=['x']");
+        let err = c.broker().unwrap_err();
+        assert!(err.contains("password_file"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
     }
 
     #[test]

@@ -151,8 +151,16 @@ pub struct Stats {
 pub trait Store: Send + Sync + 'static {
     /// Commits a batch durably (fsync) and returns its first sequence. Under
     /// `drop_oldest` old records may be removed to make room; under `reject_new`
-    /// returns [`StoreError::Full`] instead.
-    fn append(&self, records: &[Record]) -> Result<Appended, StoreError>;
+    /// returns [`StoreError::Full`] instead. `rules_state`, when given, is the rule
+    /// engine's state after this batch and commits in the same transaction, so an
+    /// alert event and the state that says it was sent can never disagree.
+    fn append(
+        &self,
+        records: &[Record],
+        rules_state: Option<&[u8]>,
+    ) -> Result<Appended, StoreError>;
+    /// The rule state saved by the last `append` that carried one.
+    fn rules_state(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// Up to `max` records from sequence `from` on, in order.
     fn read(&self, from: u64, max: usize) -> Result<Vec<Stored>, StoreError>;
     /// The sink's cursor: the next sequence it needs.

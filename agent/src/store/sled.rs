@@ -3,7 +3,8 @@
 //! One sled tree holds everything, so a batch of records and the next sequence number
 //! commit atomically in one `apply_batch`:
 //! - `e` + sequence (big-endian u64): a record, as JSON;
-//! - `m:next`: the next sequence; `m:epoch`: the store's epoch;
+//! - `m:next`: the next sequence; `m:epoch`: the store's epoch; `m:rules`: the rule
+//!   engine's alert state, committed with the batch that changed it;
 //! - `c:` + sink name: that sink's cursor.
 //!
 //! sled flushes in the background every 500 ms; an append calls `flush` itself before
@@ -23,6 +24,7 @@ use super::{
 
 const NEXT: &[u8] = b"m:next";
 const EPOCH: &[u8] = b"m:epoch";
+const RULES_STATE: &[u8] = b"m:rules";
 
 fn event_key(seq: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -68,12 +70,22 @@ impl SledStore {
     /// longer configured are removed so they cannot pin records forever; a new sink
     /// starts at the oldest stored record.
     pub fn open(dir: &Path, cfg: &StoreConfig, sinks: &[String]) -> Result<Self, StoreError> {
+        create_private_dir(dir)?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cfg.cache_capacity.0)
             .flush_every_ms(Some(500))
             .open()
-            .map_err(backend)?;
+            .map_err(|e| match e {
+                // sled reports a held lock as a plain message.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Backend(format!(
+                        "{} is in use by another ferry process (one agent per data_dir)",
+                        dir.display()
+                    ))
+                }
+                other => backend(other),
+            })?;
 
         let epoch = match db.get(EPOCH).map_err(backend)? {
             Some(v) => String::from_utf8_lossy(&v).into_owned(),
@@ -184,8 +196,26 @@ impl SledStore {
     }
 }
 
+/// Creates the store directory readable by its owner only: readings can be private.
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))
+}
+
 impl Store for SledStore {
-    fn append(&self, records: &[Record]) -> Result<Appended, StoreError> {
+    fn append(
+        &self,
+        records: &[Record],
+        rules_state: Option<&[u8]>,
+    ) -> Result<Appended, StoreError> {
         let mut st = self.lock();
         let encoded: Vec<Vec<u8>> = records
             .iter()
@@ -217,6 +247,9 @@ impl Store for SledStore {
         }
         let next = first + records.len() as u64;
         batch.insert(NEXT, &next.to_be_bytes());
+        if let Some(state) = rules_state {
+            batch.insert(RULES_STATE, state);
+        }
         self.db.apply_batch(batch).map_err(backend)?;
         // Producers are acknowledged when this returns: it must be on disk.
         self.db.flush().map_err(backend)?;
@@ -250,6 +283,14 @@ impl Store for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn rules_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db
+            .get(RULES_STATE)
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
     }
 
     fn cursor(&self, sink: &str) -> Result<u64, StoreError> {
@@ -315,8 +356,8 @@ mod tests {
             &sinks(&["a"]),
         )
         .unwrap();
-        s.append(&[record(0, 0), record(1, 0)]).unwrap();
-        let a = s.append(&[record(2, 0)]).unwrap();
+        s.append(&[record(0, 0), record(1, 0)], None).unwrap();
+        let a = s.append(&[record(2, 0)], None).unwrap();
         assert_eq!(a.first, 2);
         let got = s.read(0, 10).unwrap();
         assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![0, 1, 2]);
@@ -335,7 +376,7 @@ mod tests {
             &sinks(&["a", "b"]),
         )
         .unwrap();
-        s.append(&[record(0, 0), record(1, 0), record(2, 0)])
+        s.append(&[record(0, 0), record(1, 0), record(2, 0)], None)
             .unwrap();
         s.advance("a", 3).unwrap();
         assert_eq!(s.stats().records, 3);
@@ -351,7 +392,7 @@ mod tests {
         let epoch;
         {
             let s = SledStore::open(dir.path(), &c, &sinks(&["a"])).unwrap();
-            s.append(&[record(0, 0), record(1, 0), record(2, 0)])
+            s.append(&[record(0, 0), record(1, 0), record(2, 0)], None)
                 .unwrap();
             s.advance("a", 3).unwrap();
             epoch = s.epoch().to_string();
@@ -361,7 +402,7 @@ mod tests {
         assert_eq!(s.cursor("a").unwrap(), 3);
         assert_eq!(s.stats().records, 0);
         // Sequences are never reused, so ids stay unique after the store empties.
-        assert_eq!(s.append(&[record(3, 0)]).unwrap().first, 3);
+        assert_eq!(s.append(&[record(3, 0)], None).unwrap().first, 3);
     }
 
     #[test]
@@ -375,7 +416,7 @@ mod tests {
         .unwrap();
         let mut dropped = 0;
         for i in 0..30 {
-            dropped += s.append(&[record(i, 1000)]).unwrap().dropped;
+            dropped += s.append(&[record(i, 1000)], None).unwrap().dropped;
         }
         let st = s.stats();
         assert!(st.bytes <= 10_000, "{st:?}");
@@ -391,7 +432,7 @@ mod tests {
             SledStore::open(dir.path(), &cfg(5_000, WhenFull::RejectNew), &sinks(&["a"])).unwrap();
         let mut accepted = 0;
         for i in 0..10 {
-            match s.append(&[record(i, 1000)]) {
+            match s.append(&[record(i, 1000)], None) {
                 Ok(_) => accepted += 1,
                 Err(StoreError::Full { .. }) => break,
                 Err(e) => panic!("{e}"),
@@ -400,7 +441,21 @@ mod tests {
         assert!((3..10).contains(&accepted), "{accepted}");
         // Once the sink catches up there is room again.
         s.advance("a", accepted).unwrap();
-        s.append(&[record(99, 1000)]).unwrap();
+        s.append(&[record(99, 1000)], None).unwrap();
+    }
+
+    #[test]
+    fn the_rule_state_commits_with_its_batch_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(1 << 30, WhenFull::DropOldest);
+        {
+            let s = SledStore::open(dir.path(), &c, &sinks(&["a"])).unwrap();
+            assert_eq!(s.rules_state().unwrap(), None);
+            s.append(&[record(0, 0)], Some(b"v1")).unwrap();
+            s.append(&[record(1, 0)], None).unwrap();
+        }
+        let s = SledStore::open(dir.path(), &c, &sinks(&["a"])).unwrap();
+        assert_eq!(s.rules_state().unwrap().as_deref(), Some(b"v1".as_slice()));
     }
 
     #[test]
@@ -409,7 +464,7 @@ mod tests {
         let c = cfg(1 << 30, WhenFull::DropOldest);
         {
             let s = SledStore::open(dir.path(), &c, &sinks(&["a", "old"])).unwrap();
-            s.append(&[record(0, 0), record(1, 0)]).unwrap();
+            s.append(&[record(0, 0), record(1, 0)], None).unwrap();
             s.advance("a", 2).unwrap();
             assert_eq!(s.stats().records, 2);
         }

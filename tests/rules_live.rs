@@ -1,0 +1,183 @@
+//! Rules in a running agent: hot reload on save and on SIGHUP (a bad file keeps the
+//! running rules), local actuation over MQTT, and open alerts that survive a restart.
+
+mod support;
+
+use serde_json::json;
+use support::*;
+
+const WARM: &str = r#"[[rule]]
+id = "warm"
+when = "temperature > 30"
+clear_when = "temperature < 25"
+emit = { type = "com.example.warm", severity = "warning" }
+"#;
+
+const HOT: &str = r#"[[rule]]
+id = "hot"
+when = "temperature > 50"
+clear_when = "temperature < 40"
+emit = { type = "com.example.hot", severity = "critical" }
+"#;
+
+fn publish(broker: &Mosquitto, device: &str, temperature: f64) {
+    broker.publish(
+        &format!("sensors/{device}/telemetry"),
+        json!({ "temperature": temperature }).to_string(),
+        1,
+    );
+}
+
+/// Saves a rule file the way editors do: write a temporary file, rename it over.
+fn save(agent: &Agent, name: &str, text: &str) {
+    let dir = agent.dir().join("rules");
+    let tmp = dir.join(format!(".{name}.swp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+fn alerts(receiver: &Receiver, ty: &str) -> Vec<Event> {
+    receiver
+        .events()
+        .into_iter()
+        .filter(|e| e.ty == ty)
+        .collect()
+}
+
+fn wait_for_alerts(agent: &mut Agent, receiver: &Receiver, ty: &str, n: usize) -> Vec<Event> {
+    agent.eventually(&format!("{n} {ty} event(s)"), |_| {
+        let a = alerts(receiver, ty);
+        if a.len() >= n {
+            Ok(a)
+        } else {
+            Err(format!("{} so far", a.len()))
+        }
+    })
+}
+
+#[test]
+fn a_saved_rule_file_takes_effect_and_a_broken_one_keeps_the_running_rules() {
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    let config = TestConfig::new("gw-reload", &broker).http(&receiver.url(), "structured");
+    let mut agent = Agent::start(&config.toml(), &[("alerts.toml", WARM)]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+
+    publish(&broker, "oven-1", 35.0);
+    wait_for_alerts(&mut agent, &receiver, "com.example.warm", 1);
+
+    save(&agent, "alerts.toml", HOT);
+    agent.wait_for_metric("ferry_rules_reloads_total", &[("result", "ok")], 1.0);
+    publish(&broker, "oven-2", 35.0);
+    publish(&broker, "oven-2", 55.0);
+    let hot = wait_for_alerts(&mut agent, &receiver, "com.example.hot", 1);
+    assert_eq!(hot[0].subject.as_deref(), Some("oven-2"));
+    assert_eq!(
+        alerts(&receiver, "com.example.warm").len(),
+        1,
+        "the replaced rule no longer fires"
+    );
+
+    save(
+        &agent,
+        "alerts.toml",
+        "[[rule]]\nid = \"broken\"\nwhen = \"temperature >\"\n",
+    );
+    agent.wait_for_metric("ferry_rules_reloads_total", &[("result", "failed")], 1.0);
+    assert!(
+        agent.stderr_contains("alerts.toml:3:"),
+        "the error names file and line:\n{}",
+        agent.stderr()
+    );
+    publish(&broker, "oven-3", 60.0);
+    let hot = wait_for_alerts(&mut agent, &receiver, "com.example.hot", 2);
+    assert_eq!(
+        hot[1].subject.as_deref(),
+        Some("oven-3"),
+        "the running rules stayed"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn sighup_reloads_the_rules_when_watching_is_off() {
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    let config = TestConfig::new("gw-hup", &broker).http(&receiver.url(), "structured");
+    let text = config
+        .toml()
+        .replacen("dir = \"rules\"\n", "dir = \"rules\"\nreload = false\n", 1);
+    let mut agent = Agent::start(&text, &[("alerts.toml", WARM)]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+
+    save(&agent, "alerts.toml", HOT);
+    agent.hup();
+    agent.wait_for_metric("ferry_rules_reloads_total", &[("result", "ok")], 1.0);
+    publish(&broker, "kiln-1", 55.0);
+    wait_for_alerts(&mut agent, &receiver, "com.example.hot", 1);
+    assert!(alerts(&receiver, "com.example.warm").is_empty());
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_rule_switches_a_local_actuator_over_mqtt_without_any_uplink() {
+    let broker = Mosquitto::start();
+    // The cloud is unreachable for the whole test.
+    let config = TestConfig::new("gw-fan", &broker)
+        .http(&format!("http://127.0.0.1:{}/events", free_port()), "batch");
+    let fan = r#"[[rule]]
+id = "fan"
+when = "temperature > 35"
+clear_when = "temperature < 32"
+action = { mqtt_publish = { topic = "actuators/{device}/fan", payload = "on", clear_payload = "off", qos = 1 } }
+"#;
+    let mut agent = Agent::start(&config.toml(), &[("fan.toml", fan)]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+    let actuator = broker.subscribe("actuators/#");
+    broker.wait_for_subscription(SUBSCRIBER_ID, "actuators/#");
+
+    publish(&broker, "barn", 36.0);
+    publish(&broker, "barn", 31.0);
+    let messages = agent.eventually("the fan to be switched on and off", |_| {
+        let m = actuator.messages();
+        if m.len() >= 2 {
+            Ok(m)
+        } else {
+            Err(format!("{m:?}"))
+        }
+    });
+    assert_eq!(
+        messages,
+        vec!["actuators/barn/fan on", "actuators/barn/fan off"]
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn an_open_alert_survives_a_restart_without_firing_again() {
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    let config = TestConfig::new("gw-state", &broker).http(&receiver.url(), "structured");
+    let mut agent = Agent::start(&config.toml(), &[("alerts.toml", WARM)]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+
+    publish(&broker, "vat-1", 35.0);
+    wait_for_alerts(&mut agent, &receiver, "com.example.warm", 1);
+    assert!(agent.stop().success());
+
+    agent.start_again();
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+    publish(&broker, "vat-1", 36.0);
+    publish(&broker, "vat-1", 20.0);
+    let events = wait_for_alerts(&mut agent, &receiver, "com.example.warm", 2);
+    let transitions: Vec<String> = events
+        .iter()
+        .map(|e| e.data["transition"].as_str().unwrap_or("?").to_string())
+        .collect();
+    assert_eq!(
+        transitions,
+        vec!["fired", "resolved"],
+        "the restart neither re-fired nor forgot the open alert"
+    );
+    assert!(agent.stop().success());
+}
