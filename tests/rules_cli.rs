@@ -1,0 +1,148 @@
+//! The installer's tools: `ferry rules check DIR` and `ferry rules test DIR --readings`.
+
+mod support;
+
+use std::process::Output;
+
+use support::*;
+
+const FREEZER: &str = r#"[[rule]]
+id = "freezer-warm"
+match = { device = "freezer-*" }
+when = "temperature > -15"
+clear_when = "temperature < -18"
+emit = { type = "com.acme.freezer.warm", severity = "critical" }
+"#;
+
+const READINGS: &str = r#"{"device": "freezer-1", "time": "2026-01-01T00:00:00Z", "temperature": -20}
+{"device": "freezer-1", "time": "2026-01-01T00:01:00Z", "temperature": -12.5}
+{"device": "freezer-1", "time": "2026-01-01T00:02:00Z", "temperature": -13}
+{"device": "pantry-1", "time": "2026-01-01T00:02:30Z", "temperature": 4}
+{"device": "freezer-1", "time": "2026-01-01T00:03:00Z", "temperature": -19}
+"#;
+
+fn rules_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+fn run(args: &[&str]) -> Output {
+    ferry().args(args).output().expect("run ferry")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn rules_check_accepts_good_files_and_lists_every_mistake_with_its_place() {
+    let good = rules_dir(&[("freezer.toml", FREEZER)]);
+    let out = run(&["rules", "check", good.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("ok (1 rules)"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let bad = rules_dir(&[
+        (
+            "a.toml",
+            "[[rule]]\nid = \"a\"\nwhen = \"temperature >\"\nemit = { type = \"t\" }\n",
+        ),
+        (
+            "b.toml",
+            "[[rule]]\nid = \"b\"\nwhen = \"x > 1\"\nemit = { type = \"t\" }\nsevrity = \"high\"\n",
+        ),
+    ]);
+    let out = run(&["rules", "check", bad.path().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("a.toml:3:"), "{err}");
+    assert!(err.contains("b.toml:5:1"), "{err}");
+    assert!(err.contains("2 errors found"), "{err}");
+}
+
+#[test]
+fn rules_test_replays_readings_and_prints_each_transition_with_its_values() {
+    let dir = rules_dir(&[("freezer.toml", FREEZER)]);
+    let readings = dir.path().join("readings.jsonl");
+    std::fs::write(&readings, READINGS).unwrap();
+    let out = run(&[
+        "rules",
+        "test",
+        dir.path().to_str().unwrap(),
+        "--readings",
+        readings.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}{stdout}", text(&out.stderr));
+    let events: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("freezer-warm"))
+        .collect();
+    assert_eq!(
+        events.len(),
+        2,
+        "one line per transition, not per reading:\n{stdout}"
+    );
+    assert!(events[0].starts_with("2026-01-01T00:01:00Z"), "{stdout}");
+    assert!(
+        events[0].contains("fired") && events[0].contains("-12.5"),
+        "{stdout}"
+    );
+    assert!(events[1].starts_with("2026-01-01T00:03:00Z"), "{stdout}");
+    assert!(events[1].contains("resolved"), "{stdout}");
+    assert!(stdout.contains("5 readings"), "{stdout}");
+}
+
+#[test]
+fn rules_test_json_prints_the_would_be_cloudevents() {
+    let dir = rules_dir(&[("freezer.toml", FREEZER)]);
+    let readings = dir.path().join("readings.jsonl");
+    std::fs::write(&readings, READINGS).unwrap();
+    let out = run(&[
+        "rules",
+        "test",
+        dir.path().to_str().unwrap(),
+        "--readings",
+        readings.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<cloudevents::Event> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is a CloudEvent"))
+        .collect();
+    assert_eq!(events.len(), 2);
+    use cloudevents::AttributesReader;
+    assert_eq!(events[0].ty(), "com.acme.freezer.warm");
+    assert_eq!(events[0].subject(), Some("freezer-1"));
+}
+
+#[test]
+fn rules_test_reports_a_bad_readings_line_with_its_number() {
+    let dir = rules_dir(&[("freezer.toml", FREEZER)]);
+    let readings = dir.path().join("readings.jsonl");
+    std::fs::write(
+        &readings,
+        "{\"device\": \"freezer-1\", \"temperature\": -20}\n{oops\n",
+    )
+    .unwrap();
+    let out = run(&[
+        "rules",
+        "test",
+        dir.path().to_str().unwrap(),
+        "--readings",
+        readings.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("readings.jsonl:2:"),
+        "{}",
+        text(&out.stderr)
+    );
+}
