@@ -146,3 +146,58 @@ fn rules_test_reports_a_bad_readings_line_with_its_number() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn the_bundled_gateway_rules_replay_the_bundled_readings_as_documented() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = run(&[
+        "rules",
+        "test",
+        root.join("deploy/examples/rules/gateway").to_str().unwrap(),
+        "--readings",
+        root.join("deploy/examples/readings/gateway.jsonl")
+            .to_str()
+            .unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}{stdout}", text(&out.stderr));
+    let has = |time: &str, rule: &str, transition: &str| {
+        stdout.lines().any(|l| {
+            l.starts_with(time) && l.contains(rule) && l.contains(&format!(" {transition} "))
+        })
+    };
+    // Sustained: warm since 10:01, fires once it has lasted 10 minutes (first
+    // reading at or after 10:11); hysteresis: resolves only below -18.
+    assert!(
+        has("2026-01-01T10:11:00Z", "freezer-warm", "fired"),
+        "{stdout}"
+    );
+    assert!(
+        has("2026-01-01T10:14:00Z", "freezer-warm", "resolved"),
+        "{stdout}"
+    );
+    // Stale: nothing from freezer-1 for 15 minutes after 10:14.
+    assert!(
+        has("2026-01-01T10:29:00Z", "freezer-silent", "fired"),
+        "{stdout}"
+    );
+    // Aggregates: one event per closed 5-minute window.
+    assert!(
+        has("2026-01-01T10:05:00Z", "climate-5m", "window"),
+        "{stdout}"
+    );
+    // Rate of change and local actuation.
+    assert!(
+        has("2026-01-01T10:02:00Z", "heating-fast", "fired"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("publish \"on\" to actuators/room-1/fan"),
+        "{stdout}"
+    );
+    // Deadband: the 0.2 °C move at 10:01 is not forwarded.
+    assert!(
+        stdout.contains("line 4: reading from room-1 not forwarded"),
+        "{stdout}"
+    );
+}

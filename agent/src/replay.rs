@@ -134,9 +134,11 @@ fn collect(out: &mut Replay, line: usize, outcome: ferry_rules::Outcome) {
 
 /// The human line for an alert: when, which rule, which transition, device, values.
 pub fn describe(a: &Alert) -> String {
+    // What made it true: the reading's values, or a window's aggregates.
     let values = a
         .data
         .get("values")
+        .or_else(|| a.data.get("aggregates"))
         .map(Value::to_string)
         .unwrap_or_default();
     format!(
