@@ -1,5 +1,6 @@
 //! The `ferry` command: `run` the agent, or `check` a config and its rule files.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -189,20 +190,22 @@ fn rules_test(
         }
     };
     let out = replay::replay(&mut rules, &text);
+    // Written with `writeln!`, not `println!`: `ferry rules test ... | head` closes
+    // the pipe early, which must end the output, not panic.
+    let mut stdout = std::io::stdout().lock();
     let mut events = 0u64;
     for line in &out.lines {
-        match line {
-            replay::Line::Alert(a) if json => {
-                if let Some(ce) = replay::as_cloudevent(a, events) {
-                    println!("{ce}");
-                }
-                events += 1;
-            }
+        let text = match line {
             replay::Line::Alert(a) => {
-                println!("{}", replay::describe(a));
                 events += 1;
+                if json {
+                    replay::as_cloudevent(a, events - 1)
+                } else {
+                    Some(replay::describe(a))
+                }
             }
             replay::Line::Action {
+                time,
                 action:
                     ferry_rules::Action::MqttPublish {
                         rule,
@@ -210,24 +213,31 @@ fn rules_test(
                         payload,
                         ..
                     },
-                ..
-            } if !json => {
-                println!("  {rule}: publish {payload:?} to {topic}");
-            }
-            replay::Line::Dropped { line, device } if !json => {
-                println!("  line {line}: reading from {device} not forwarded");
-            }
+            } if !json => Some(format!(
+                "{}  {rule}: publish {payload:?} to {topic}",
+                time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )),
+            replay::Line::Dropped { line, device } if !json => Some(format!(
+                "  line {line}: reading from {device} not forwarded"
+            )),
             replay::Line::Error { line, error } => {
                 eprintln!("{}:{line}: {error}", readings.display());
+                None
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(t) = text {
+            if writeln!(stdout, "{t}").is_err() {
+                return ExitCode::SUCCESS;
+            }
         }
     }
     for bad in &out.bad {
         eprintln!("{}:{}: {}", readings.display(), bad.line, bad.message);
     }
     if !json {
-        println!(
+        let _ = writeln!(
+            stdout,
             "{} readings, {} forwarded, {} events",
             out.readings, out.forwarded, events
         );

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_rules::{Action, Diagnostic, RuleSet, Transition};
+use ferry_rules::{Action, Diagnostic, RuleSet, StateChange};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,8 @@ const BATCH: usize = 1024;
 const ACTIONS: usize = 1024;
 /// How often time-driven rules (stale sensors, aggregate windows) are evaluated.
 const TICK: Duration = Duration::from_secs(1);
+/// How often rule bookkeeping that is not an alert transition is saved.
+const SAVE_PROGRESS_EVERY: Duration = Duration::from_secs(10);
 pub const READING_TYPE: &str = "io.ferry.reading";
 
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +227,8 @@ pub async fn run(
         origins: source_uris(cfg, &agent_id),
         // Without an MQTT source to publish through, actions are counted and dropped.
         actions: actions_rx.is_none().then_some(actions_tx),
+        progress_unsaved: false,
+        last_state_save: Instant::now(),
     };
     let commit_task = tokio::spawn(commit.run(rx, reload_rx, shutdown.clone()));
 
@@ -275,6 +279,9 @@ struct Committer {
     origins: HashMap<String, String>,
     /// Where rule actions go; `None` when no MQTT source carries them.
     actions: Option<mpsc::Sender<Action>>,
+    /// Rule bookkeeping changed since the state was last saved.
+    progress_unsaved: bool,
+    last_state_save: Instant,
 }
 
 impl Committer {
@@ -292,6 +299,7 @@ impl Committer {
             tokio::select! {
                 n = rx.recv_many(&mut inputs, BATCH) => {
                     if n == 0 {
+                        self.save_progress_at_exit().await;
                         return;
                     }
                     for input in inputs.drain(..) {
@@ -315,13 +323,35 @@ impl Committer {
         }
     }
 
+    /// Saves rule bookkeeping not yet saved, so a clean stop loses none of it.
+    async fn save_progress_at_exit(&mut self) {
+        if !self.progress_unsaved {
+            return;
+        }
+        let Ok(state) = serde_json::to_vec(&self.rules.alert_state()) else {
+            return;
+        };
+        let store = Arc::clone(&self.store);
+        let saved = forward::blocking(&store, move |s| s.append(&[], Some(&state))).await;
+        if let Err(error) = saved {
+            warn!(%error, "could not save rule state at shutdown");
+        }
+    }
+
     /// Commits a batch (with the rule state if alerts changed it), then acks its
     /// inputs and hands its actions on. `false` if shutdown stopped the commit.
     async fn settle(&mut self, batch: Batch, shutdown: &CancellationToken) -> bool {
-        let state = batch
-            .state_changed
+        // Transitions are saved with their batch; bookkeeping (for-timers, stale
+        // sensors' last-seen times) now and then, since losing a little costs little.
+        let save = batch.transition
+            || (self.progress_unsaved && self.last_state_save.elapsed() >= SAVE_PROGRESS_EVERY);
+        let state = save
             .then(|| serde_json::to_vec(&self.rules.alert_state()).ok())
             .flatten();
+        if state.is_some() {
+            self.progress_unsaved = false;
+            self.last_state_save = Instant::now();
+        }
         if (!batch.records.is_empty() || state.is_some())
             && !self.commit(batch.records, state, shutdown).await
         {
@@ -406,10 +436,12 @@ impl Committer {
                 warn!(rule = %e.rule, error = %e.message, suppressed, "rule evaluation failed");
             }
         }
+        match outcome.state {
+            StateChange::Transition => batch.transition = true,
+            StateChange::Progress => self.progress_unsaved = true,
+            StateChange::Unchanged => {}
+        }
         for a in outcome.alerts {
-            if a.transition != Transition::Window {
-                batch.state_changed = true;
-            }
             let mut ext = BTreeMap::new();
             ext.insert("rule".to_string(), a.rule);
             if let Some(s) = a.severity {
@@ -506,6 +538,6 @@ struct Batch {
     records: Vec<Record>,
     acks: Vec<crate::ingest::Ack>,
     actions: Vec<Action>,
-    /// An alert fired or resolved: persist the rule state with this batch.
-    state_changed: bool,
+    /// An alert opened or closed: persist the rule state with this batch.
+    transition: bool,
 }

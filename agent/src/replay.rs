@@ -90,7 +90,7 @@ pub fn replay(rules: &mut RuleSet, text: &str) -> Replay {
             }),
         };
         clock = Some(time);
-        collect(&mut out, line, rules.tick(time));
+        collect(&mut out, line, time, rules.tick(time));
         let outcome = rules.evaluate(&ferry_rules::Reading {
             source: &source,
             device: &device,
@@ -106,16 +106,16 @@ pub fn replay(rules: &mut RuleSet, text: &str) -> Replay {
                 device: device.clone(),
             });
         }
-        collect(&mut out, line, outcome);
+        collect(&mut out, line, time, outcome);
     }
     if let Some(t) = clock {
-        collect(&mut out, text.lines().count(), rules.tick(t));
+        collect(&mut out, text.lines().count(), t, rules.tick(t));
     }
     out
 }
 
-fn collect(out: &mut Replay, line: usize, outcome: ferry_rules::Outcome) {
-    let time = outcome.alerts.first().map(|a| a.time);
+fn collect(out: &mut Replay, line: usize, now: DateTime<Utc>, outcome: ferry_rules::Outcome) {
+    let time = outcome.alerts.first().map_or(now, |a| a.time);
     out.lines.extend(
         outcome
             .errors
@@ -125,21 +125,17 @@ fn collect(out: &mut Replay, line: usize, outcome: ferry_rules::Outcome) {
     out.lines
         .extend(outcome.alerts.into_iter().map(Line::Alert));
     for action in outcome.actions {
-        out.lines.push(Line::Action {
-            time: time.unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
-            action,
-        });
+        out.lines.push(Line::Action { time, action });
     }
 }
 
 /// The human line for an alert: when, which rule, which transition, device, values.
 pub fn describe(a: &Alert) -> String {
-    // What made it true: the reading's values, or a window's aggregates.
-    let values = a
-        .data
-        .get("values")
-        .or_else(|| a.data.get("aggregates"))
-        .map(Value::to_string)
+    // What made it true: the reading's values, or what the kind reports instead
+    // (a window's aggregates, a silent sensor's last reading, a count).
+    let values = ["values", "aggregates", "last_seen", "count"]
+        .iter()
+        .find_map(|k| a.data.get(*k).map(|v| format!("{k}={v}")))
         .unwrap_or_default();
     format!(
         "{}  {:<24} {:<9} {:<16} {}",

@@ -177,7 +177,10 @@ impl Checker<'_> {
             if let Some(trigger) = trigger {
                 errors.push((
                     at,
-                    format!("`{key}` cannot be used with `{trigger}`: it belongs to alerts on a `when` condition"),
+                    format!(
+                        "`{key}` cannot be used with `{trigger}`: it belongs to alerts on a \
+                         `when` condition"
+                    ),
                 ));
             } else if def.when.is_none() {
                 errors.push((at, format!("`{key}` needs a `when` condition")));
@@ -194,7 +197,10 @@ impl Checker<'_> {
         if let (Some(every_reading), Some(trigger)) = (every_reading, trigger) {
             errors.push((
                 every_reading,
-                format!("`emit.every_reading` only works with a `when` condition alone, not with `{trigger}`"),
+                format!(
+                    "`emit.every_reading` only works with a `when` condition alone, not with \
+                     `{trigger}`"
+                ),
             ));
         }
 
@@ -263,16 +269,9 @@ impl Checker<'_> {
         } else {
             None
         };
-        let action = def.action.map(|a| {
-            publish(
-                text,
-                a.into_inner(),
-                no_clear,
-                header,
-                &mut canon,
-                &mut errors,
-            )
-        });
+        let action = def
+            .action
+            .map(|a| publish(text, a.into_inner(), no_clear, &mut canon, &mut errors));
 
         let mut filter = None;
         let kind = match trigger {
@@ -464,12 +463,10 @@ fn publish(
     text: &str,
     def: ActionDef,
     no_clear: Option<&str>,
-    header: usize,
     canon: &mut Canon,
     errors: &mut Vec<Found>,
 ) -> Option<Publish> {
     let before = errors.len();
-    let _ = header;
     let def = def.mqtt_publish.into_inner();
     let topic = &def.topic;
     let name = topic.get_ref();
@@ -935,9 +932,16 @@ fn summary(
     emit: Option<&Emit>,
     action: Option<&Publish>,
 ) -> String {
+    let one_line = |text: Option<&str>| {
+        text.unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (when, clear_when) = (one_line(when), clear_when.map(|c| one_line(Some(c))));
     let mut text = match kind {
         Kind::Condition(kind) => {
-            let mut text = format!("alert while `{}`", when.unwrap_or_default());
+            let mut text = format!("alert while `{when}`");
             if let Some(sustained) = kind.sustained {
                 text.push_str(&format!(" for {}", duration::format(sustained)));
             }
@@ -947,10 +951,7 @@ fn summary(
             text
         }
         Kind::EveryReading(_) => {
-            format!(
-                "event on every reading where `{}`",
-                when.unwrap_or_default()
-            )
+            format!("event on every reading where `{when}`")
         }
         Kind::Rate(rate) => {
             let mut bounds = Vec::new();
@@ -972,8 +973,13 @@ fn summary(
             duration::format(stale.after)
         ),
         Kind::Count(count) => format!(
-            "alert while at least {} readings come within {}",
+            "alert while at least {} readings{} come within {}",
             count.at_least,
+            if when.is_empty() {
+                String::new()
+            } else {
+                format!(" where `{when}`")
+            },
             duration::format(count.within)
         ),
         Kind::Aggregate(aggregate) => {
@@ -990,19 +996,23 @@ fn summary(
             let bands: Vec<String> = deadband
                 .fields
                 .iter()
-                .map(|(field, band)| format!("{} by more than {band}", field.name))
+                .map(|(field, band)| format!("{} moves by more than {band}", field.name))
                 .collect();
-            let mut text = format!("forward only when {} moves", bands.join(" or "));
+            let mut text = format!("forward only when {}", bands.join(" or "));
             if let Some(every) = deadband.at_least_every {
                 text.push_str(&format!(", or every {}", duration::format(every)));
             }
             text
         }
-        Kind::Drop => "drop readings".to_owned(),
+        Kind::Drop if when.is_empty() => "drop readings".to_owned(),
+        Kind::Drop => format!("drop readings where `{when}`"),
     };
-    let filtered = !matches!(kind, Kind::Condition(_) | Kind::EveryReading(_));
-    if let (true, Some(when)) = (filtered, when) {
-        text.push_str(&format!(" (of readings where `{when}`)"));
+    let filtered = matches!(
+        kind,
+        Kind::Rate(_) | Kind::Stale(_) | Kind::Aggregate(_) | Kind::Deadband(_)
+    );
+    if filtered && !when.is_empty() {
+        text.push_str(&format!(" (only readings where `{when}`)"));
     }
     if let Some(emit) = emit {
         text.push_str(&format!("; emits {}", emit.event_type));

@@ -65,6 +65,26 @@ pub struct Outcome {
     /// One error per rule that could not do its work on this reading; the other
     /// rules still ran.
     pub errors: Vec<EvalError>,
+    /// Whether, and how much, the state [`RuleSet::alert_state`] returns changed.
+    pub state: StateChange,
+}
+
+/// How the state to keep across a restart ([`RuleSet::alert_state`]) changed
+/// during one call. Ordered: a call reports the biggest change any rule made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StateChange {
+    /// Not at all.
+    #[default]
+    Unchanged,
+    /// Only bookkeeping: a `for` timer started or stopped, a stale sensor's last
+    /// reading time moved on, an open count alert's window moved. Losing it in a
+    /// crash costs little (a `for` wait starts over; a stale alert comes up to that
+    /// much too early), so saving it now and then is enough.
+    Progress,
+    /// An alert opened or closed (whether or not the rule has `emit`): save the
+    /// state with this call's events, so that a restart neither fires it again nor
+    /// forgets it.
+    Transition,
 }
 
 impl Default for Outcome {
@@ -75,6 +95,7 @@ impl Default for Outcome {
             alerts: Vec::new(),
             actions: Vec::new(),
             errors: Vec::new(),
+            state: StateChange::Unchanged,
         }
     }
 }
@@ -189,7 +210,7 @@ pub struct RuleDescription {
 /// What [`RuleSet::restore_alert_state`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Restored {
-    /// Rules whose state was restored, with how many devices each.
+    /// Rules whose state was restored, in rule order, with how many devices each.
     pub rules: Vec<(String, usize)>,
     /// Rules in the saved state that were left out, each with the reason: no rule
     /// has that id any more, or its definition changed.
@@ -249,7 +270,9 @@ impl RuleSet {
     }
 
     /// Sets how many devices each rule may keep state for (default
-    /// [`MAX_DEVICES_PER_RULE`]). Devices already tracked stay tracked.
+    /// [`MAX_DEVICES_PER_RULE`]). Devices already tracked stay tracked. A setting of
+    /// the set, not of the rules: set it on every newly compiled set (a reload
+    /// compiles one; [`RuleSet::adopt_state`] does not carry it over).
     pub fn set_max_devices_per_rule(&mut self, max: usize) {
         self.max_devices = max;
     }
@@ -350,7 +373,8 @@ impl RuleSet {
     /// The state to keep across a restart, as versioned JSON:
     ///
     /// ```json
-    /// {"version": 1, "rules": {"<rule id>": {"fingerprint": "<hex>", "devices": {"<device>": {...}}}}}
+    /// {"version": 1,
+    ///  "rules": {"<rule id>": {"fingerprint": "<hex>", "devices": {"<device>": {...}}}}}
     /// ```
     ///
     /// Per device: open alerts and `for` timers (`when` rules), open alerts (`rate`),
@@ -387,24 +411,33 @@ impl RuleSet {
             return restored;
         };
         for (id, entry) in saved {
-            let Some(rule) = self.rules.iter_mut().find(|rule| &rule.id == id) else {
-                restored
+            match self.rules.iter().find(|rule| &rule.id == id) {
+                None => restored
                     .ignored
-                    .push((id.clone(), "no rule has this id any more".into()));
+                    .push((id.clone(), "no rule has this id any more".into())),
+                Some(rule)
+                    if entry.get("fingerprint").and_then(Value::as_str)
+                        != Some(rule.fingerprint.as_str()) =>
+                {
+                    restored
+                        .ignored
+                        .push((id.clone(), "the rule's definition changed".into()))
+                }
+                Some(_) => {}
+            }
+        }
+        for rule in &mut self.rules {
+            let Some(entry) = saved.get(&rule.id) else {
                 continue;
             };
-            let fingerprint = entry.get("fingerprint").and_then(Value::as_str);
-            if fingerprint != Some(rule.fingerprint.as_str()) {
-                restored
-                    .ignored
-                    .push((id.clone(), "the rule's definition changed".into()));
+            if entry.get("fingerprint").and_then(Value::as_str) != Some(rule.fingerprint.as_str()) {
                 continue;
             }
             let Some(devices) = entry.get("devices").and_then(Value::as_object) else {
                 continue;
             };
             let count = rule.kind.restore(devices, self.max_devices);
-            restored.rules.push((id.clone(), count));
+            restored.rules.push((rule.id.clone(), count));
         }
         restored
     }
@@ -491,7 +524,8 @@ emit = { type = "com.clinic.bp.high" }
                 forward: true,
                 alerts: vec![],
                 actions: vec![],
-                errors: vec![]
+                errors: vec![],
+                state: StateChange::Unchanged,
             }
         );
     }
@@ -593,6 +627,208 @@ emit = { type = "t.c" }
         assert_eq!(
             format!("{:?}", rules(FREEZER)),
             r#"RuleSet { rules: ["freezer-warm", "bp-high"] }"#
+        );
+    }
+
+    const KINDS: &str = r#"
+[[rule]]
+id = "warm"
+when = "t > 30"
+for = "10m"
+clear_when = "t < 20"
+emit = { type = "x.warm" }
+
+[[rule]]
+id = "silent"
+stale = "15m"
+emit = { type = "x.silent" }
+
+[[rule]]
+id = "changes"
+when = "source == 'local'"
+forward = { deadband = { t = 0.5 } }
+
+[[rule]]
+id = "tests"
+match = { device = "test-*" }
+forward = false
+"#;
+
+    #[test]
+    fn describe_gives_each_rule_its_kind_and_a_summary() {
+        let described = rules(KINDS).describe();
+        let shown: Vec<(&str, &str, &str)> = described
+            .iter()
+            .map(|d| (d.id.as_str(), d.kind, d.summary.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (
+                    "warm",
+                    "sustained",
+                    "alert while `t > 30` for 10m, until `t < 20`; emits x.warm"
+                ),
+                (
+                    "silent",
+                    "stale",
+                    "alert when a device sends no reading for 15m; emits x.silent"
+                ),
+                (
+                    "changes",
+                    "deadband",
+                    "forward only when t moves by more than 0.5 (only readings where \
+                     `source == 'local'`)"
+                ),
+                ("tests", "drop", "drop readings"),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_kind_has_a_one_line_summary() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/diagnostics/valid/rules.toml"
+        ))
+        .unwrap_or_default();
+        let summaries: Vec<String> = rules(&text)
+            .describe()
+            .into_iter()
+            .map(|d| format!("{} [{}] {}", d.id, d.kind, d.summary))
+            .collect();
+        assert_eq!(
+            summaries,
+            [
+                "freezer-warm [sustained] alert while `temperature > -15` for 10m, until \
+                 `temperature < -18`; emits com.acme.freezer.warm",
+                "bp-high [condition] alert while `bp.systolic > 140 || bp.diastolic > 90`; \
+                 emits com.clinic.bp.high",
+                "hot-every-reading [every-reading] event on every reading where \
+                 `temperature > 30`; emits com.acme.hot",
+                "only-changes [deadband] forward only when humidity moves by more than 2 or \
+                 status.door moves by more than 0 or temperature moves by more than 0.5, or \
+                 every 15m",
+                "drop-test-devices [drop] drop readings",
+                "drop-heartbeats [drop] drop readings where `kind == 'heartbeat'`",
+                "heating-fast [rate] alert while `temperature` changes at a rate above 2 per \
+                 1m; emits com.acme.heating.fast",
+                "pressure-swing [rate] alert while `line.pressure` changes at a rate above 1 \
+                 or below -1 per 1s (only readings where `mode == 'run'`); emits \
+                 com.acme.pressure.swing",
+                "sensor-silent [stale] alert when a device sends no reading for 15m; emits \
+                 com.acme.sensor.stale",
+                "repeated-alarms [count] alert while at least 10 readings where \
+                 `alarm == true` come within 1h; emits com.acme.alarm.repeated",
+                "downsample [aggregate] avg/min/max/count/last of temperature, humidity every \
+                 5m; emits com.acme.temperature.5m",
+                "downsample-all-functions [aggregate] avg/min/max/sum/count/last of \
+                 power.watts every 1h30m; emits com.acme.power.90m",
+                "fan-on [hysteresis] alert while `temperature > 35`, until `temperature < 32`; \
+                 publishes to actuators/{device}/fan",
+                "siren [condition] alert while `door == 'open'`; emits com.acme.door.open; \
+                 publishes to sirens/{rule}",
+            ]
+        );
+    }
+
+    #[test]
+    fn transitions_are_shown_as_in_event_data() {
+        assert_eq!(Transition::Fired.to_string(), "fired");
+        assert_eq!(Transition::Resolved.to_string(), "resolved");
+        assert_eq!(Transition::Window.to_string(), "window");
+    }
+
+    #[test]
+    fn a_tick_with_nothing_due_says_nothing() {
+        let mut rules = rules(KINDS);
+        assert_eq!(rules.tick(DateTime::<Utc>::UNIX_EPOCH), Outcome::default());
+        let fields = object(json!({"t": 1}));
+        let _ = rules.evaluate(&reading("d", &fields));
+        let soon = DateTime::<Utc>::UNIX_EPOCH + chrono::TimeDelta::minutes(14);
+        assert_eq!(rules.tick(soon), Outcome::default());
+        let late = DateTime::<Utc>::UNIX_EPOCH + chrono::TimeDelta::minutes(15);
+        assert_eq!(rules.tick(late).alerts.len(), 1);
+    }
+
+    #[test]
+    fn a_deadband_does_not_take_as_reference_a_reading_another_rule_dropped() {
+        let mut rules = rules(KINDS);
+        let at = |t: f64| object(json!({ "t": t }));
+        // Dropped by `tests`: not forwarded, so not the deadband's reference either.
+        assert!(!rules.evaluate(&reading("test-1", &at(1.0))).forward);
+        let mut other = rules.evaluate(&reading("test-1", &at(1.2)));
+        assert!(!other.forward);
+        // Same device once not dropped any more: its first forwarded reading.
+        rules = {
+            let mut next = self::rules(&KINDS.replace("test-*", "nothing-*"));
+            next.adopt_state(rules);
+            next
+        };
+        other = rules.evaluate(&reading("test-1", &at(1.2)));
+        assert!(
+            other.forward,
+            "the dropped readings were taken as forwarded"
+        );
+    }
+
+    #[test]
+    fn the_alert_state_has_open_alerts_and_last_readings_and_survives_a_round_trip() {
+        let mut rules = rules(KINDS);
+        let hot = object(json!({"t": 35}));
+        let _ = rules.evaluate(&reading("d", &hot));
+        let state = rules.alert_state();
+        assert_eq!(state["version"], json!(1));
+        assert_eq!(
+            state["rules"]["warm"]["devices"]["d"],
+            json!({"source": "local", "pending_since": "1970-01-01T00:00:00Z"})
+        );
+        assert_eq!(
+            state["rules"]["silent"]["devices"]["d"],
+            json!({"source": "local", "last_seen": "1970-01-01T00:00:00Z"})
+        );
+        assert!(state["rules"].get("changes").is_none());
+        let mut restarted = self::rules(KINDS);
+        let restored = restarted.restore_alert_state(&state);
+        assert_eq!(
+            restored.rules,
+            [("warm".to_owned(), 1), ("silent".to_owned(), 1)]
+        );
+        assert_eq!(restarted.alert_state(), state);
+    }
+
+    #[test]
+    fn a_saved_state_of_another_version_shape_or_rule_is_ignored() {
+        let mut rules = rules(KINDS);
+        for garbage in [
+            json!(null),
+            json!({"version": 2, "rules": {}}),
+            json!({"version": 1, "rules": []}),
+            json!({"version": 1, "rules": {"warm": {"fingerprint": 7, "devices": {}}}}),
+            json!({"version": 1, "rules": {"silent": {"devices": {"d": {"last_seen": 3}}}}}),
+        ] {
+            let restored = rules.restore_alert_state(&garbage);
+            assert!(restored.rules.is_empty(), "{garbage}");
+        }
+        let mut state = rules.alert_state();
+        state["rules"]["gone"] = json!({"fingerprint": "0", "devices": {}});
+        let fingerprint = rules.rules[0].fingerprint.clone();
+        state["rules"]["warm"] = json!({
+            "fingerprint": fingerprint,
+            "devices": {"ok": {"fired_at": "2024-05-01T12:00:00Z"}, "bad": {"fired_at": "soon"}},
+        });
+        state["rules"]["silent"] = json!({"fingerprint": "changed", "devices": {}});
+        let restored = rules.restore_alert_state(&state);
+        assert_eq!(restored.rules, [("warm".to_owned(), 1)]);
+        assert_eq!(
+            restored.ignored,
+            [
+                ("gone".to_owned(), "no rule has this id any more".to_owned()),
+                (
+                    "silent".to_owned(),
+                    "the rule's definition changed".to_owned()
+                ),
+            ]
         );
     }
 }

@@ -879,7 +879,10 @@ mod tests {
         );
         assert_eq!(
             message("t > 1 && 'open' > 3").as_deref(),
-            Some("`when` compares a string with a number using `>`, which is an error on every reading")
+            Some(
+                "`when` compares a string with a number using `>`, which is an error on every \
+                 reading"
+            )
         );
         assert_eq!(
             message("'1' == 1").as_deref(),

@@ -546,6 +546,32 @@ sevrity = "low"
     }
 
     #[test]
+    fn a_placed_table_has_its_span_when_toml_knows_it_and_none_when_it_is_implicit() {
+        let text = "[[rule]]\nid = \"a\"\nemit = { type = \"x\" }\n\n\
+                    [[rule]]\nid = \"b\"\nemit.type = \"y\"\n\
+                    [rule.action.mqtt_publish]\ntopic = \"t\"\npayload = \"p\"\n";
+        let parsed = parse(text);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let a = parsed.rules[0].get_ref();
+        let emit = a.emit.as_ref().and_then(|e| e.span.clone());
+        assert_eq!(emit.map(|span| &text[span]), Some("{ type = \"x\" }"));
+        let b = parsed.rules[1].get_ref();
+        let emit = b
+            .emit
+            .as_ref()
+            .map(|e| (e.span.clone(), e.get_ref().event_type.get_ref()));
+        assert_eq!(emit, Some((None, &"y".to_owned())));
+        let action = b.action.as_ref().map(|a| a.get_ref());
+        assert_eq!(
+            action.map(|a| (
+                a.mqtt_publish.span.is_some(),
+                a.mqtt_publish.get_ref().topic.get_ref().as_str()
+            )),
+            Some((true, "t"))
+        );
+    }
+
+    #[test]
     fn forward_is_either_false_or_a_deadband_table() {
         let text = r#"[[rule]]
 id = "a"

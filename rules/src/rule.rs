@@ -2,7 +2,7 @@
 //! filter), what it watches for ([`Kind`]), and what it does on a transition
 //! ([`Emit`], [`Publish`]).
 
-use crate::engine::{Action, Alert, EvalError, Outcome, Reading, Transition};
+use crate::engine::{Action, Alert, EvalError, Outcome, Reading, StateChange, Transition};
 use crate::expr::{Bindings, Condition};
 use crate::glob::Glob;
 use crate::kinds::Kind;
@@ -49,6 +49,7 @@ impl Rule {
     pub(crate) fn evaluate(&mut self, ctx: &mut Ctx<'_, '_>, out: &mut Outcome) -> Vote {
         let fx = Effects {
             rule: &self.id,
+            lifecycle: self.kind.has_lifecycle(),
             emit: self.emit.as_ref(),
             action: self.action.as_ref(),
         };
@@ -69,6 +70,7 @@ impl Rule {
     pub(crate) fn commit(&mut self, reading: &Reading<'_>, limit: usize, out: &mut Outcome) {
         let fx = Effects {
             rule: &self.id,
+            lifecycle: false,
             emit: None,
             action: None,
         };
@@ -79,6 +81,7 @@ impl Rule {
     pub(crate) fn tick(&mut self, now: DateTime<Utc>, limit: usize, out: &mut Outcome) {
         let fx = Effects {
             rule: &self.id,
+            lifecycle: self.kind.has_lifecycle(),
             emit: self.emit.as_ref(),
             action: self.action.as_ref(),
         };
@@ -170,6 +173,9 @@ fn substitute(text: &str, rule: &str, device: &str) -> String {
 /// What a rule produces: events and actions on transitions, and errors.
 pub(crate) struct Effects<'a> {
     pub rule: &'a str,
+    /// Whether the rule's alerts have a lifecycle kept in its state (not
+    /// `every_reading`, not aggregates).
+    pub lifecycle: bool,
     pub emit: Option<&'a Emit>,
     pub action: Option<&'a Publish>,
 }
@@ -185,6 +191,11 @@ pub(crate) struct Event<'a> {
 }
 
 impl Effects<'_> {
+    /// Records a change of saved state that is not a transition.
+    pub(crate) fn progress(&self, out: &mut Outcome) {
+        out.state = out.state.max(StateChange::Progress);
+    }
+
     pub(crate) fn error(&self, out: &mut Outcome, message: impl Into<String>) {
         out.errors.push(EvalError {
             rule: self.rule.to_owned(),
@@ -195,6 +206,9 @@ impl Effects<'_> {
     /// Raises the event (if the rule has `emit`) and runs the action (if the rule
     /// has one for this transition).
     pub(crate) fn transition(&self, out: &mut Outcome, event: Event<'_>) {
+        if self.lifecycle && event.transition != Transition::Window {
+            out.state = out.state.max(StateChange::Transition);
+        }
         if let Some(publish) = self.action {
             match publish.action(self.rule, event.device, event.transition) {
                 Ok(Some(action)) => out.actions.push(action),
@@ -383,6 +397,7 @@ mod tests {
         };
         let fx = Effects {
             rule: "r1",
+            lifecycle: true,
             emit: Some(&emit),
             action: None,
         };

@@ -15,7 +15,8 @@
 //!   `rule`, `type`, `transition`, `device`, `source`, `time`, `severity`, `to`, and
 //!   `data` if the expected alert has it (all of them when the file is first
 //!   blessed); an error has `rule` and `message`; an action is `{"mqtt_publish":
-//!   {"rule", "topic", "payload", "qos", "retain"}}`. Restart and reload steps give
+//!   {"rule", "topic", "payload", "qos", "retain"}}`; `"state": "progress"` or
+//!   `"transition"` when the saved state changed. Restart and reload steps give
 //!   `{"restored": ...}` / `{"reloaded": true}` lines.
 //! - `diagnostics/<case>/`: one or more `*.toml` files (compiled together, in name
 //!   order, named by their file name), an optional `options.json`
@@ -25,7 +26,7 @@
 //! Run with `FERRY_BLESS=1` to write the actual results over the expected files after
 //! a deliberate change, then review the diff.
 
-use ferry_rules::{Action, CheckOptions, Outcome, Reading, RuleSet, SourceFile};
+use ferry_rules::{Action, CheckOptions, Outcome, Reading, RuleSet, SourceFile, StateChange};
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -165,7 +166,14 @@ fn summary(outcome: &Outcome, with_data: &dyn Fn(usize) -> bool) -> Value {
         .iter()
         .map(|e| json!({"rule": e.rule, "message": e.message}))
         .collect();
-    json!({"forward": outcome.forward, "alerts": alerts, "actions": actions, "errors": errors})
+    let mut shown =
+        json!({"forward": outcome.forward, "alerts": alerts, "actions": actions, "errors": errors});
+    match outcome.state {
+        StateChange::Unchanged => {}
+        StateChange::Progress => shown["state"] = json!("progress"),
+        StateChange::Transition => shown["state"] = json!("transition"),
+    }
+    shown
 }
 
 fn compile_case(dir: &Path, case: &Path) -> RuleSet {

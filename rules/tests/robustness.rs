@@ -1,6 +1,7 @@
 //! Garbage in, diagnostics out: random rule files and expressions never make
-//! `compile` or `evaluate` panic. Deterministic (a fixed-seed xorshift), so a failure
-//! reproduces; `cargo fuzz` can take this further later.
+//! `compile`, `evaluate`, `tick` or saving and restoring state panic, whatever the
+//! readings' times. Deterministic (a fixed-seed xorshift), so a failure reproduces;
+//! `fuzz/` takes this further with cargo-fuzz.
 
 use ferry_rules::{CheckOptions, Reading, RuleSet, SourceFile};
 use serde_json::json;
@@ -41,6 +42,47 @@ when = '''
 '''
 [rule.emit]
 type = "com.clinic.bp.high"
+"#;
+
+/// A rule of every kind, for mutating.
+const EVERY_KIND: &str = r#"[[rule]]
+id = "warm"
+match = { device = "freezer-*" }
+when = "temperature > -15"
+for = "10m"
+clear_when = "temperature < -18"
+emit = { type = "com.acme.warm", severity = "critical", to = ["cloud"] }
+action = { mqtt_publish = { topic = "a/{device}/fan", payload = "on", clear_payload = "off", qos = 1 } }
+
+[[rule]]
+id = "changes"
+forward = { deadband = { temperature = 0.5, "bp.systolic" = 2 }, at_least_every = "15m" }
+
+[[rule]]
+id = "drop"
+when = "door == 'open'"
+forward = false
+
+[[rule]]
+id = "rate"
+rate = { field = "temperature", per = "1m", above = 2.0, below = -2.0 }
+emit = { type = "com.acme.rate" }
+
+[[rule]]
+id = "stale"
+stale = "15m"
+emit = { type = "com.acme.stale" }
+
+[[rule]]
+id = "count"
+when = "door == 'open'"
+count = { at_least = 2, within = "1h" }
+emit = { type = "com.acme.count" }
+
+[[rule]]
+id = "agg"
+aggregate = { every = "5m", fields = ["temperature", "bp.systolic"], functions = ["avg", "max"] }
+emit = { type = "com.acme.agg", every_reading = false }
 "#;
 
 /// Tokens that make up plausible (and implausible) CEL.
@@ -168,9 +210,9 @@ fn grammatical(rng: &mut Rng, depth: usize) -> String {
     }
 }
 
-/// `VALID` with a few bytes deleted, duplicated or replaced (at char boundaries).
-fn mutated(rng: &mut Rng) -> String {
-    let mut chars: Vec<char> = VALID.chars().collect();
+/// `valid` with a few bytes deleted, duplicated or replaced (at char boundaries).
+fn mutated(rng: &mut Rng, valid: &str) -> String {
+    let mut chars: Vec<char> = valid.chars().collect();
     for _ in 0..1 + rng.below(4) {
         let at = rng.below(chars.len());
         match rng.below(3) {
@@ -183,7 +225,8 @@ fn mutated(rng: &mut Rng) -> String {
             }
             _ => {
                 let junk = [
-                    '"', '\'', '[', ']', '{', '}', '=', '\n', ',', '#', '\\', 'x', '.',
+                    '"', '\'', '[', ']', '{', '}', '=', '\n', ',', '#', '\\', 'x', '.', '0', '-',
+                    'm',
                 ];
                 chars[at] = junk[rng.below(junk.len())];
             }
@@ -199,20 +242,30 @@ fn evaluate_all(rules: &mut RuleSet) {
         json!({"bp": [], "door": {"a": {"b": true}}}),
         json!({}),
     ];
-    for fields in &readings {
+    let times = [
+        chrono::DateTime::UNIX_EPOCH,
+        chrono::DateTime::<chrono::Utc>::MAX_UTC,
+        chrono::DateTime::<chrono::Utc>::MIN_UTC,
+        chrono::DateTime::UNIX_EPOCH + chrono::TimeDelta::hours(1),
+    ];
+    for (i, fields) in readings.iter().enumerate() {
         let Some(fields) = fields.as_object() else {
             continue;
         };
-        for device in ["freezer-1", "", "é"] {
-            let outcome = rules.evaluate(&Reading {
+        for device in ["freezer-1", "", "é", "a+#"] {
+            let _ = rules.evaluate(&Reading {
                 source: "local",
                 device,
-                time: chrono::DateTime::UNIX_EPOCH,
+                time: times[i % times.len()],
                 fields,
             });
-            assert!(outcome.forward);
         }
     }
+    for now in times {
+        let _ = rules.tick(now);
+    }
+    let saved = rules.alert_state();
+    let _ = rules.restore_alert_state(&saved);
 }
 
 #[test]
@@ -258,8 +311,9 @@ fn random_expressions_never_panic_compile_or_evaluate() {
 #[test]
 fn mutated_rule_files_never_panic_and_point_inside_the_file() {
     let mut rng = Rng(0x0123_4567_89ab_cdef);
-    for _ in 0..300 {
-        let text = mutated(&mut rng);
+    let mut compiled = [0, 0];
+    for i in 0..600 {
+        let text = mutated(&mut rng, if i % 2 == 0 { VALID } else { EVERY_KIND });
         let lines = text.lines().count().max(1);
         let files = [
             SourceFile {
@@ -274,7 +328,10 @@ fn mutated_rule_files_never_panic_and_point_inside_the_file() {
             },
         ];
         match RuleSet::compile(&files, &CheckOptions::default()) {
-            Ok(mut rules) => evaluate_all(&mut rules),
+            Ok(mut rules) => {
+                compiled[i % 2] += 1;
+                evaluate_all(&mut rules);
+            }
             Err(diagnostics) => {
                 for d in diagnostics {
                     assert!(d.line >= 1 && d.line <= lines + 1, "{d}\n---\n{text}");
@@ -283,4 +340,6 @@ fn mutated_rule_files_never_panic_and_point_inside_the_file() {
             }
         }
     }
+    // Both kinds of file got evaluated after some mutations, not only refused.
+    assert!(compiled.iter().all(|&n| n >= 20), "{compiled:?}");
 }

@@ -14,15 +14,13 @@ use serde_json::{Map, Value};
 /// long by reading time), resolved when `clear_when` is true, or without it when
 /// `when` is false again.
 ///
-/// ```text
-///            when true (no `for`), or true on every reading for `for`
-///   idle ─────────────────────────────────────────────────────────────> firing
-///    ^  \ when true, `for` given             ^                            │
-///    │   v                                   │ true for `for`             │ clear_when true
-///    │  pending ─────────────────────────────┘                            │ (or when false)
-///    │   │ when false                                                      │
-///    └───┴─────────────────────────────────────────────────────────────────┘
-/// ```
+/// | state | reading of the device | next state |
+/// |---|---|---|
+/// | idle | `when` true, no `for` | firing: `fired` |
+/// | idle | `when` true, `for` given | pending since this reading |
+/// | pending | `when` true, `for` elapsed since | firing: `fired` |
+/// | pending | `when` false | idle |
+/// | firing | `clear_when` true (without it: `when` false) | idle: `resolved` |
 ///
 /// A reading the condition cannot be evaluated on (an [`EvalError`](crate::EvalError))
 /// changes nothing: a pending timer keeps running, an open alert stays open.
@@ -100,6 +98,7 @@ impl ConditionAlert {
             Ok(false) => {
                 if self.devices.get(device).is_some() {
                     self.devices.remove(device, ctx.limit);
+                    fx.progress(out);
                 }
             }
             Ok(true) => {
@@ -122,6 +121,9 @@ impl ConditionAlert {
                 let mut data = Map::new();
                 data.insert("values".into(), values(reading));
                 if let Some(sustained) = self.sustained {
+                    if tracked.state.pending_since.is_none() {
+                        fx.progress(out);
+                    }
                     let since = *tracked.state.pending_since.get_or_insert(now);
                     if now - since < sustained {
                         return;

@@ -165,6 +165,10 @@ impl Count {
                 }
             }
         }
+        if state.fired_at.is_some() {
+            // An open alert's window is saved.
+            fx.progress(out);
+        }
         self.next_due = earliest(self.next_due, self.due(&state));
         if let Some(tracked) = self.devices.get_mut(reading.device) {
             tracked.state = state;

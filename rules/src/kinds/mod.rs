@@ -150,6 +150,14 @@ impl Kind {
         }
     }
 
+    /// Whether the kind's alerts open and close (and are saved across restarts).
+    pub(crate) fn has_lifecycle(&self) -> bool {
+        matches!(
+            self,
+            Kind::Condition(_) | Kind::Rate(_) | Kind::Stale(_) | Kind::Count(_)
+        )
+    }
+
     /// Whether the kind has anything for [`Kind::tick`] to do.
     pub(crate) fn has_timers(&self) -> bool {
         matches!(self, Kind::Stale(_) | Kind::Count(_) | Kind::Aggregate(_))

@@ -98,7 +98,12 @@ impl Stale {
                     },
                 );
             }
-            state.last_seen = state.last_seen.max(now);
+            if now > state.last_seen {
+                state.last_seen = now;
+                fx.progress(out);
+            }
+        } else {
+            fx.progress(out);
         }
         let due = plus(tracked.state.last_seen, after);
         self.next_due = earliest(self.next_due, Some(due));
