@@ -1,7 +1,7 @@
 //! `when` conditions: an alert with a lifecycle (optionally sustained with `for`,
 //! optionally with a separate `clear_when`), or one event per reading.
 
-use super::restore_entries;
+use super::{restore_entries, save_entries};
 use crate::devices::{Devices, Untracked};
 use crate::engine::{Outcome, Transition};
 use crate::expr::Condition;
@@ -153,17 +153,12 @@ impl ConditionAlert {
     }
 
     pub(crate) fn save(&self) -> Map<String, Value> {
-        self.devices
-            .sorted()
-            .into_iter()
-            .filter_map(|(device, tracked)| {
-                let saved = Saved {
-                    source: tracked.source.clone(),
-                    state: tracked.state.clone(),
-                };
-                Some((device.clone(), serde_json::to_value(saved).ok()?))
+        save_entries(&self.devices, |tracked| {
+            Some(Saved {
+                source: tracked.source.clone(),
+                state: tracked.state.clone(),
             })
-            .collect()
+        })
     }
 
     pub(crate) fn restore(&mut self, saved: &Map<String, Value>, limit: usize) -> usize {

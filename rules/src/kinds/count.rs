@@ -1,6 +1,6 @@
 //! `count`: at least N matching readings within a sliding window.
 
-use super::{earliest, minus, plus, restore_entries};
+use super::{earliest, minus, plus, restore_entries, save_entries};
 use crate::devices::{Devices, Untracked};
 use crate::engine::{Outcome, Reading, Transition};
 use crate::rule::{time_value, values, Effects, Event};
@@ -233,18 +233,13 @@ impl Count {
     }
 
     pub(crate) fn save(&self) -> Map<String, Value> {
-        self.devices
-            .sorted()
-            .into_iter()
-            .filter_map(|(device, tracked)| {
-                let saved = Saved {
-                    source: tracked.source.clone(),
-                    fired_at: tracked.state.fired_at?,
-                    times: tracked.state.times.iter().copied().collect(),
-                };
-                Some((device.clone(), serde_json::to_value(saved).ok()?))
+        save_entries(&self.devices, |tracked| {
+            Some(Saved {
+                source: tracked.source.clone(),
+                fired_at: tracked.state.fired_at?,
+                times: tracked.state.times.iter().copied().collect(),
             })
-            .collect()
+        })
     }
 
     pub(crate) fn restore(&mut self, saved: &Map<String, Value>, limit: usize) -> usize {

@@ -177,6 +177,20 @@ impl Kind {
     }
 }
 
+/// Saves every tracked device that `save` turns into an entry, in device order.
+pub(crate) fn save_entries<S, P: serde::Serialize>(
+    devices: &crate::devices::Devices<S>,
+    mut save: impl FnMut(&crate::devices::Tracked<S>) -> Option<P>,
+) -> Map<String, Value> {
+    devices
+        .sorted()
+        .into_iter()
+        .filter_map(|(device, tracked)| {
+            Some((device.clone(), serde_json::to_value(save(tracked)?).ok()?))
+        })
+        .collect()
+}
+
 /// Restores saved entries of type `P` into `devices`, converting each with `make`.
 pub(crate) fn restore_entries<S, P: serde::de::DeserializeOwned>(
     devices: &mut crate::devices::Devices<S>,

@@ -1,6 +1,6 @@
 //! `rate`: how fast a field changes between consecutive readings of a device.
 
-use super::restore_entries;
+use super::{restore_entries, save_entries};
 use crate::devices::{Devices, Untracked};
 use crate::engine::{Outcome, Reading, Transition};
 use crate::rule::{time_value, values, Effects, Event, FieldPath};
@@ -113,17 +113,12 @@ impl Rate {
     }
 
     pub(crate) fn save(&self) -> Map<String, Value> {
-        self.devices
-            .sorted()
-            .into_iter()
-            .filter_map(|(device, tracked)| {
-                let saved = Saved {
-                    source: tracked.source.clone(),
-                    fired_at: tracked.state.fired_at?,
-                };
-                Some((device.clone(), serde_json::to_value(saved).ok()?))
+        save_entries(&self.devices, |tracked| {
+            Some(Saved {
+                source: tracked.source.clone(),
+                fired_at: tracked.state.fired_at?,
             })
-            .collect()
+        })
     }
 
     pub(crate) fn restore(&mut self, saved: &Map<String, Value>, limit: usize) -> usize {

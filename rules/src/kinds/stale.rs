@@ -1,6 +1,6 @@
 //! `stale`: no reading from a device for a while.
 
-use super::{earliest, plus, restore_entries};
+use super::{earliest, plus, restore_entries, save_entries};
 use crate::devices::{Devices, Untracked};
 use crate::engine::{Outcome, Reading, Transition};
 use crate::rule::{seconds_value, time_value, values, Effects, Event};
@@ -144,17 +144,12 @@ impl Stale {
     }
 
     pub(crate) fn save(&self) -> Map<String, Value> {
-        self.devices
-            .sorted()
-            .into_iter()
-            .filter_map(|(device, tracked)| {
-                let saved = Saved {
-                    source: tracked.source.clone(),
-                    state: tracked.state.clone(),
-                };
-                Some((device.clone(), serde_json::to_value(saved).ok()?))
+        save_entries(&self.devices, |tracked| {
+            Some(Saved {
+                source: tracked.source.clone(),
+                state: tracked.state.clone(),
             })
-            .collect()
+        })
     }
 
     pub(crate) fn restore(&mut self, saved: &Map<String, Value>, limit: usize) -> usize {
