@@ -181,3 +181,28 @@ fn an_open_alert_survives_a_restart_without_firing_again() {
     );
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_silent_sensor_is_reported_by_the_agents_own_clock() {
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    let config = TestConfig::new("gw-stale", &broker).http(&receiver.url(), "structured");
+    let silent = r#"[[rule]]
+id = "silent"
+stale = "2s"
+emit = { type = "com.example.silent", severity = "warning" }
+"#;
+    let mut agent = Agent::start(&config.toml(), &[("silent.toml", silent)]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+
+    publish(&broker, "probe-1", 20.0);
+    // No more readings: only the agent's tick can notice the silence.
+    let fired = wait_for_alerts(&mut agent, &receiver, "com.example.silent", 1);
+    assert_eq!(fired[0].subject.as_deref(), Some("probe-1"));
+    assert_eq!(fired[0].data["transition"], "fired");
+
+    publish(&broker, "probe-1", 20.5);
+    let events = wait_for_alerts(&mut agent, &receiver, "com.example.silent", 2);
+    assert_eq!(events[1].data["transition"], "resolved");
+    assert!(agent.stop().success());
+}
