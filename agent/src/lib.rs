@@ -9,6 +9,7 @@
 //! - [`ingest`]: sources (`mqtt`, `simulator`); each produces [`ingest::Input`]s that
 //!   carry an acknowledgement to run once the input is committed.
 //! - [`decode`]: payload bytes to a [`decode::Reading`] (pure).
+//! - [`serial`]: serial framing and frame formats, the pure parts of serial ingest.
 //! - [`rules`]: loads rule files into a `ferry_rules::RuleSet` and reloads them on
 //!   change or SIGHUP (evaluation is pure); [`replay`] is `ferry rules test`.
 //! - [`store`]: the durable, bounded, ordered buffer behind the [`store::Store`] trait.
@@ -28,5 +29,6 @@ pub mod pipeline;
 pub mod ratelimit;
 pub mod replay;
 pub mod rules;
+pub mod serial;
 pub mod store;
 pub mod telemetry;
