@@ -66,6 +66,7 @@ pub struct AgentConfig {
 pub struct AdminConfig {
     /// Address for the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`.
     /// Keep it on loopback unless the port is firewalled.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: std::net::SocketAddr,
 }
 
@@ -441,6 +442,15 @@ fn check_name(
     }
 }
 
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<std::net::SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid address {s:?}: write an IP address and a port, like \"127.0.0.1:9464\" (host names are not resolved)"
+        ))
+    })
+}
+
 /// A duration written the human way: `"500ms"`, `"10s"`, `"5m"`, `"7d"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -468,22 +478,31 @@ pub struct Bytes(pub u64);
 
 impl<'de> Deserialize<'de> for Bytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size like \"256KiB\" or \"64MiB\", or a whole number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Bytes, E> {
+                Ok(Bytes(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Bytes, E> {
+                u64::try_from(n)
+                    .map(Bytes)
+                    .map_err(|_| E::custom(format!("invalid size {n}: a size cannot be negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Bytes, E> {
+                bytesize::ByteSize::from_str(s)
+                    .map(|b| Bytes(b.as_u64()))
+                    .map_err(|e| {
+                        E::custom(format!(
+                            "invalid size {s:?}: {e} (write e.g. \"256KiB\", \"64MiB\")"
+                        ))
+                    })
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(Bytes(n)),
-            Raw::S(s) => bytesize::ByteSize::from_str(&s)
-                .map(|b| Bytes(b.as_u64()))
-                .map_err(|e| {
-                    serde::de::Error::custom(format!(
-                        "invalid size {s:?}: {e} (write e.g. \"256KiB\", \"64MiB\")"
-                    ))
-                }),
-        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -595,6 +614,10 @@ url = "not a url"
         assert_eq!(b, Bytes(256 * 1024));
         let n: Bytes = toml::Value::Integer(1000).try_into().unwrap();
         assert_eq!(n, Bytes(1000));
+        let neg = toml::Value::Integer(-5).try_into::<Bytes>().unwrap_err();
+        assert!(neg.to_string().contains("negative"), "{neg}");
+        let float = toml::Value::Float(1.5).try_into::<Bytes>().unwrap_err();
+        assert!(float.to_string().contains("256KiB"), "{float}");
         let d: Dur = toml::Value::String("1m 30s".into()).try_into().unwrap();
         assert_eq!(d.0, Duration::from_secs(90));
         assert!(toml::Value::String("soon".into())
