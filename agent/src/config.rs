@@ -20,6 +20,7 @@ use serde::{Deserialize, Deserializer};
 use crate::forward::console::ConsoleSinkConfig;
 use crate::forward::http::HttpSinkConfig;
 use crate::ingest::mqtt::MqttSourceConfig;
+use crate::ingest::serial::SerialSourceConfig;
 use crate::ingest::simulator::SimulatorConfig;
 use crate::store::StoreConfig;
 
@@ -70,12 +71,14 @@ pub struct AdminConfig {
     pub listen: std::net::SocketAddr,
 }
 
-/// `[[source.mqtt]]`, `[[source.simulator]]`
+/// `[[source.mqtt]]`, `[[source.serial]]`, `[[source.simulator]]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourcesConfig {
     #[serde(default)]
     pub mqtt: Vec<MqttSourceConfig>,
+    #[serde(default)]
+    pub serial: Vec<SerialSourceConfig>,
     #[serde(default)]
     pub simulator: Vec<SimulatorConfig>,
 }
@@ -326,6 +329,10 @@ fn validate(config: &Config) -> Vec<Problem> {
         check_name(&mut out, &mut sources, "source", "mqtt", i, &s.name);
         out.extend(s.validate(i));
     }
+    for (i, s) in config.source.serial.iter().enumerate() {
+        check_name(&mut out, &mut sources, "source", "serial", i, &s.name);
+        out.extend(s.validate(i));
+    }
     for (i, s) in config.source.simulator.iter().enumerate() {
         check_name(&mut out, &mut sources, "source", "simulator", i, &s.name);
         out.extend(s.validate(i));
@@ -333,7 +340,7 @@ fn validate(config: &Config) -> Vec<Problem> {
     if sources.is_empty() {
         out.push(problem!(
             ["source"],
-            "no sources configured: add a [[source.mqtt]] or [[source.simulator]]"
+            "no sources configured: add a [[source.mqtt]], [[source.serial]] or [[source.simulator]]"
         ));
     }
 

@@ -34,7 +34,7 @@ use crate::backoff::Backoff;
 use crate::config::{BackoffConfig, Loaded};
 use crate::decode::{self, DecodeConfig, DecodeError, DeviceTemplate, Reading};
 use crate::forward::{self, console::ConsoleSink, http::HttpSink, Sink};
-use crate::ingest::{mqtt::MqttSource, simulator, Input, Origin, Payload};
+use crate::ingest::{mqtt::MqttSource, serial::SerialSource, simulator, Input, Origin, Payload};
 use crate::ratelimit::RateLimit;
 use crate::store::{sled::SledStore, Record, Store, StoreError};
 
@@ -198,6 +198,13 @@ pub async fn run(
         };
         sources.spawn(source.run(tx.clone(), actions, stop_sources.clone()));
     }
+    for s in &cfg.source.serial {
+        let source = SerialSource {
+            origin: Origin::new(&agent_id, "serial", &s.name, None),
+            cfg: s.clone(),
+        };
+        sources.spawn(source.run(tx.clone(), stop_sources.clone()));
+    }
     for s in &cfg.source.simulator {
         let origin = Origin::new(&agent_id, "simulator", &s.name, None);
         sources.spawn(simulator::run(
@@ -264,8 +271,10 @@ pub async fn run(
 /// about a device with no reading at hand.
 fn source_uris(cfg: &crate::config::Config, agent: &str) -> HashMap<String, String> {
     let mqtt = cfg.source.mqtt.iter().map(|s| ("mqtt", &s.name));
+    let serial = cfg.source.serial.iter().map(|s| ("serial", &s.name));
     let sim = cfg.source.simulator.iter().map(|s| ("simulator", &s.name));
-    mqtt.chain(sim)
+    mqtt.chain(serial)
+        .chain(sim)
         .map(|(kind, name)| (name.clone(), format!("/ferry/{agent}/{kind}/{name}")))
         .collect()
 }

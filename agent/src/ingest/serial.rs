@@ -1,0 +1,377 @@
+//! The serial source: reads a serial port, cuts the byte stream into frames and turns
+//! each frame into a reading (framing and formats live in [`crate::serial`]).
+//!
+//! A port that disappears (USB adapter unplugged: a read returns 0 bytes or an error)
+//! is closed and reopened by the same path with jittered backoff until it is back,
+//! without touching any other source. State changes are logged once, not per retry.
+//! Each port runs in its own task, so a port that is absent, stalls or floods garbage
+//! delays nothing else.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_serial::SerialPortBuilderExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Input, Origin, Payload};
+use crate::backoff::Backoff;
+use crate::config::{problem, BackoffConfig, Bytes, Problem};
+use crate::decode::{take_time, DeviceTemplate};
+use crate::ratelimit::RateLimit;
+use crate::serial::{Format, FormatConfig, Framer, Framing, LengthBytes};
+
+/// `[[source.serial]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSourceConfig {
+    /// The source's name (in CloudEvents `source`: `/ferry/{agent}/serial/{name}`).
+    pub name: String,
+    /// The port. Prefer the stable `/dev/serial/by-id/...` name over `/dev/ttyUSB0`,
+    /// which can change when adapters are replugged.
+    pub path: PathBuf,
+    /// Line speed. Default 9600.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// 5, 6, 7 or 8. Default 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    /// `none`, `even` or `odd`. Default `none`.
+    #[serde(default)]
+    pub parity: Parity,
+    /// 1 or 2. Default 1.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// `none`, `software` (XON/XOFF) or `hardware` (RTS/CTS). Default `none`.
+    #[serde(default)]
+    pub flow_control: FlowControl,
+    /// How frames are delimited: `lines`, `cobs` or `length_prefixed`. Default `lines`.
+    #[serde(default)]
+    pub framing: Framing,
+    /// For `length_prefixed`: 1 or 2 length bytes. Default 2.
+    #[serde(default)]
+    pub length_bytes: LengthBytes,
+    /// Longest frame accepted; a longer one is discarded up to the next delimiter and
+    /// counted (`too_long`). Memory per port stays within this. Default 4KiB.
+    #[serde(default = "default_max_frame")]
+    pub max_frame: Bytes,
+    /// How a frame becomes fields: `csv`, `json`, `kv` or `nmea`.
+    pub format: Format,
+    /// For `csv`: the field names, in column order.
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// The device id: literal text, or `{payload.field}` to take it from the frame.
+    /// Default: the source name.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Field holding the reading's time (RFC 3339), for `json` and `kv`. Default `time`.
+    #[serde(default = "default_time_field")]
+    pub time_field: Option<String>,
+    /// Reopen backoff bounds while the port is away. Default `{ min = "500ms", max = "30s" }`.
+    #[serde(default = "default_reopen")]
+    pub reopen: BackoffConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowControl {
+    #[default]
+    None,
+    Software,
+    Hardware,
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_max_frame() -> Bytes {
+    Bytes(4096)
+}
+fn default_time_field() -> Option<String> {
+    Some("time".to_string())
+}
+fn default_reopen() -> BackoffConfig {
+    BackoffConfig::new(Duration::from_millis(500), Duration::from_secs(30))
+}
+
+impl SerialSourceConfig {
+    fn format_config(&self) -> FormatConfig {
+        FormatConfig {
+            format: self.format,
+            fields: self.fields.clone(),
+        }
+    }
+
+    fn device_template(&self) -> Result<DeviceTemplate, String> {
+        DeviceTemplate::parse(self.device.as_deref().unwrap_or(&self.name))
+    }
+
+    pub fn validate(&self, i: usize) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let n = &self.name;
+        if self.baud == 0 {
+            out.push(problem!(
+                ["source", "serial", i, "baud"],
+                "source {n:?}: baud must be more than 0"
+            ));
+        }
+        if !(5..=8).contains(&self.data_bits) {
+            out.push(problem!(
+                ["source", "serial", i, "data_bits"],
+                "source {n:?}: data_bits must be 5, 6, 7 or 8"
+            ));
+        }
+        if !(1..=2).contains(&self.stop_bits) {
+            out.push(problem!(
+                ["source", "serial", i, "stop_bits"],
+                "source {n:?}: stop_bits must be 1 or 2"
+            ));
+        }
+        if !(16..=1024 * 1024).contains(&self.max_frame.0) {
+            out.push(problem!(
+                ["source", "serial", i, "max_frame"],
+                "source {n:?}: max_frame must be between 16 bytes and 1MiB"
+            ));
+        }
+        if let Err(e) = self.format_config().validate() {
+            out.push(problem!(
+                ["source", "serial", i, "format"],
+                "source {n:?}: {e}"
+            ));
+        }
+        if let Err(e) = self.device_template() {
+            out.push(problem!(
+                ["source", "serial", i, "device"],
+                "source {n:?}: {e}"
+            ));
+        }
+        out.extend(self.reopen.validate(&[
+            "source".into(),
+            "serial".into(),
+            i.into(),
+            "reopen".into(),
+        ]));
+        out
+    }
+}
+
+/// A serial source ready to run.
+pub struct SerialSource {
+    pub cfg: SerialSourceConfig,
+    pub origin: Arc<Origin>,
+}
+
+/// Why a port session ended.
+enum Ended {
+    Cancelled,
+    Lost(String),
+}
+
+impl SerialSource {
+    /// Runs until `cancel`: open, read, and reopen whenever the port goes away.
+    pub async fn run(self, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
+        let name = self.cfg.name.clone();
+        let path = self.cfg.path.display().to_string();
+        let (format, template) = match (self.cfg.format_config(), self.cfg.device_template()) {
+            (f, Ok(t)) => (f, t),
+            (_, Err(error)) => {
+                // Validation catches this first; never take the other sources down.
+                warn!(source = %name, %error, "cannot start serial source");
+                return;
+            }
+        };
+        let mut framer = Framer::with_length_bytes(
+            self.cfg.framing,
+            self.cfg.length_bytes,
+            self.cfg.max_frame.0 as usize,
+        );
+        let mut backoff = Backoff::new(self.cfg.reopen);
+        let mut absent_reported = false;
+        let mut log_limit = RateLimit::new(10, Duration::from_secs(60));
+        let ctx = Session {
+            name: &name,
+            origin: &self.origin,
+            format: &format,
+            template: &template,
+            time_field: self.cfg.time_field.as_deref(),
+        };
+        loop {
+            let opened = tokio_serial::new(&path, self.cfg.baud)
+                .data_bits(match self.cfg.data_bits {
+                    5 => tokio_serial::DataBits::Five,
+                    6 => tokio_serial::DataBits::Six,
+                    7 => tokio_serial::DataBits::Seven,
+                    _ => tokio_serial::DataBits::Eight,
+                })
+                .parity(match self.cfg.parity {
+                    Parity::None => tokio_serial::Parity::None,
+                    Parity::Even => tokio_serial::Parity::Even,
+                    Parity::Odd => tokio_serial::Parity::Odd,
+                })
+                .stop_bits(if self.cfg.stop_bits == 2 {
+                    tokio_serial::StopBits::Two
+                } else {
+                    tokio_serial::StopBits::One
+                })
+                .flow_control(match self.cfg.flow_control {
+                    FlowControl::None => tokio_serial::FlowControl::None,
+                    FlowControl::Software => tokio_serial::FlowControl::Software,
+                    FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
+                })
+                .open_native_async();
+            match opened {
+                Ok(mut port) => {
+                    info!(source = %name, %path, "serial port open");
+                    absent_reported = false;
+                    backoff.reset();
+                    framer.reset();
+                    match ctx
+                        .read(&mut port, &mut framer, &tx, &cancel, &mut log_limit)
+                        .await
+                    {
+                        Ended::Cancelled => return,
+                        Ended::Lost(why) => {
+                            warn!(source = %name, %path, reason = %why, "serial port lost; reopening with backoff")
+                        }
+                    }
+                }
+                Err(error) if !absent_reported => {
+                    warn!(source = %name, %path, %error, "cannot open serial port; retrying with backoff");
+                    absent_reported = true;
+                }
+                Err(error) => debug!(source = %name, %path, %error, "serial port still absent"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+}
+
+/// What one port session needs to turn bytes into inputs.
+struct Session<'a> {
+    name: &'a str,
+    origin: &'a Arc<Origin>,
+    format: &'a FormatConfig,
+    template: &'a DeviceTemplate,
+    time_field: Option<&'a str>,
+}
+
+impl Session<'_> {
+    async fn read(
+        &self,
+        port: &mut tokio_serial::SerialStream,
+        framer: &mut Framer,
+        tx: &mpsc::Sender<Input>,
+        cancel: &CancellationToken,
+        log_limit: &mut RateLimit,
+    ) -> Ended {
+        let mut buf = [0u8; 1024];
+        let mut frames = Vec::new();
+        loop {
+            let n = tokio::select! {
+                _ = cancel.cancelled() => return Ended::Cancelled,
+                r = port.read(&mut buf) => match r {
+                    Ok(0) => return Ended::Lost("end of stream".to_string()),
+                    Ok(n) => n,
+                    Err(e) => return Ended::Lost(e.to_string()),
+                },
+            };
+            framer.push(&buf[..n], &mut frames);
+            for frame in frames.drain(..) {
+                let fields = frame
+                    .map_err(|e| e.reason())
+                    .and_then(|bytes| self.format.parse(&bytes).map_err(|e| e.reason()));
+                let mut fields = match fields {
+                    Ok(f) => f,
+                    Err(reason) => {
+                        self.reject(reason, log_limit);
+                        continue;
+                    }
+                };
+                let device = match self.template.render(self.name, &fields) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.reject(e.reason(), log_limit);
+                        continue;
+                    }
+                };
+                metrics::counter!("ferry_input_received_total", "source" => self.name.to_string())
+                    .increment(1);
+                let now = chrono::Utc::now();
+                let input = Input {
+                    origin: Arc::clone(self.origin),
+                    received: take_time(self.time_field, &mut fields).unwrap_or(now),
+                    payload: Payload::Fields { device, fields },
+                    ack: None,
+                };
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ended::Cancelled,
+                    r = tx.send(input) => if r.is_err() { return Ended::Cancelled },
+                }
+            }
+        }
+    }
+
+    fn reject(&self, reason: &'static str, log_limit: &mut RateLimit) {
+        metrics::counter!("ferry_input_rejected_total", "source" => self.name.to_string(), "reason" => reason).increment(1);
+        if let Some(suppressed) = log_limit.check(Instant::now()) {
+            warn!(source = %self.name, reason, suppressed, "serial frame rejected");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> SerialSourceConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_9600_8n1_lines_and_the_source_name_as_device() {
+        let c = cfg("name='freezer'\npath='/dev/ttyUSB0'\nformat='csv'\nfields=['t']");
+        assert_eq!(
+            (c.baud, c.data_bits, c.parity, c.stop_bits),
+            (9600, 8, Parity::None, 1)
+        );
+        assert_eq!(c.framing, Framing::Lines);
+        assert!(c.validate(0).is_empty(), "{:?}", c.validate(0));
+        let t = c.device_template().unwrap();
+        assert_eq!(
+            t.render("freezer", &serde_json::Map::new()).unwrap(),
+            "freezer"
+        );
+    }
+
+    #[test]
+    fn impossible_line_settings_are_all_reported() {
+        let c = cfg(
+            "name='a'\npath='/dev/x'\nformat='csv'\nbaud=0\ndata_bits=9\nstop_bits=3\nmax_frame=2",
+        );
+        let msgs: Vec<String> = c.validate(0).into_iter().map(|p| p.message).collect();
+        // baud, data_bits, stop_bits, max_frame, and csv without field names
+        assert_eq!(msgs.len(), 5, "{msgs:#?}");
+    }
+}
