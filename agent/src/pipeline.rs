@@ -451,24 +451,11 @@ impl Committer {
             StateChange::Unchanged => {}
         }
         for a in outcome.alerts {
-            let mut ext = BTreeMap::new();
-            ext.insert("rule".to_string(), a.rule);
-            if let Some(s) = a.severity {
-                ext.insert("severity".to_string(), s);
-            }
             let source = uri
                 .map(str::to_string)
                 .or_else(|| self.origins.get(&a.source).cloned())
                 .unwrap_or_else(|| format!("/ferry/rules/{}", a.source));
-            batch.records.push(Record {
-                source,
-                event_type: a.event_type,
-                subject: a.device,
-                time: a.time,
-                data: a.data,
-                ext,
-                to: a.to,
-            });
+            batch.records.push(Record::alert(a, source));
         }
         batch.actions.extend(outcome.actions);
     }

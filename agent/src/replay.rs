@@ -149,29 +149,14 @@ pub fn describe(a: &Alert) -> String {
 
 /// The CloudEvent an alert would become (`--json`), with a stand-in id.
 pub fn as_cloudevent(a: &Alert, seq: u64) -> Option<String> {
-    let mut ext = std::collections::BTreeMap::new();
-    ext.insert("rule".to_string(), a.rule.clone());
-    if let Some(s) = &a.severity {
-        ext.insert("severity".to_string(), s.clone());
-    }
+    let source = if a.source.is_empty() {
+        "rules"
+    } else {
+        &a.source
+    };
     let stored = Stored {
         seq,
-        record: Record {
-            source: format!(
-                "/ferry/test/{}",
-                if a.source.is_empty() {
-                    "rules"
-                } else {
-                    &a.source
-                }
-            ),
-            event_type: a.event_type.clone(),
-            subject: a.device.clone(),
-            time: a.time,
-            data: a.data.clone(),
-            ext,
-            to: a.to.clone(),
-        },
+        record: Record::alert(a.clone(), format!("/ferry/test/{source}")),
     };
     cloudevent::to_event("test", &stored)
         .ok()

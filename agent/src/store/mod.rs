@@ -102,6 +102,24 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record for a rule's alert: the rule and severity become extensions.
+    pub fn alert(alert: ferry_rules::Alert, source: String) -> Self {
+        let mut ext = BTreeMap::new();
+        ext.insert("rule".to_string(), alert.rule);
+        if let Some(s) = alert.severity {
+            ext.insert("severity".to_string(), s);
+        }
+        Record {
+            source,
+            event_type: alert.event_type,
+            subject: alert.device,
+            time: alert.time,
+            data: alert.data,
+            ext,
+            to: alert.to,
+        }
+    }
+
     pub fn is_for(&self, sink: &str) -> bool {
         self.to
             .as_ref()
