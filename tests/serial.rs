@@ -1,13 +1,16 @@
-//! Serial ports against real pseudo-terminals (socat): CSV lines arrive as readings
-//! with numbers, a noisy or over-long line is counted and skipped, an unplugged port
-//! (the pty pair destroyed and recreated) is reopened and readings continue, and a
-//! second port keeps flowing while the first is gone.
+//! Serial ports against real pseudo-terminals (socat): lines in every format (CSV,
+//! JSON, `key=value`, NMEA) arrive as readings with numbers, a noisy or over-long line
+//! or a bad checksum is counted and skipped, an unplugged port (the pty pair destroyed
+//! and recreated) is reopened and readings continue, a second port keeps flowing while
+//! the first is gone, and a rule action writes lines to a port, waiting while it is
+//! away.
 
 mod support;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use support::*;
 
@@ -81,6 +84,30 @@ impl Cable {
         f.write_all(bytes).unwrap();
         f.flush().unwrap();
     }
+
+    /// Starts collecting what the agent writes to the port, as the device would.
+    fn listen(&self) -> Heard {
+        let mut f = std::fs::File::open(self.sensor()).expect("open the sensor end");
+        let heard = Heard(Arc::new(Mutex::new(Vec::new())));
+        let into = Arc::clone(&heard.0);
+        // Ends when the cable is unplugged (the read fails or returns 0).
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n @ 1..) = f.read(&mut buf) {
+                into.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        heard
+    }
+}
+
+/// The bytes a device end received.
+struct Heard(Arc<Mutex<Vec<u8>>>);
+
+impl Heard {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
 }
 
 impl Drop for Cable {
@@ -92,13 +119,25 @@ impl Drop for Cable {
     }
 }
 
+const CSV: &str = "format = \"csv\"\nfields = [\"temperature\", \"door\"]\nmax_frame = \"64B\"";
+
 fn config(receiver: &Receiver, admin: u16, ports: &[(&str, &Path)]) -> String {
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|(name, path)| (*name, *path, CSV))
+        .collect();
+    config_with(receiver, admin, &ports)
+}
+
+/// A config with a serial source for each `(name, path, settings)`: `settings` are
+/// the source's format lines.
+fn config_with(receiver: &Receiver, admin: u16, ports: &[(&str, &Path, &str)]) -> String {
     let mut s = format!(
-        "[agent]\nid = \"gw-serial\"\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+        "[agent]\nid = \"gw-serial\"\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[rules]\ndir = \"rules\"\n"
     );
-    for (name, path) in ports {
+    for (name, path, settings) in ports {
         s.push_str(&format!(
-            "\n[[source.serial]]\nname = \"{name}\"\npath = {:?}\nformat = \"csv\"\nfields = [\"temperature\", \"door\"]\nmax_frame = \"64B\"\nreopen = {{ min = \"100ms\", max = \"500ms\" }}\n",
+            "\n[[source.serial]]\nname = \"{name}\"\npath = {:?}\n{settings}\nreopen = {{ min = \"100ms\", max = \"500ms\" }}\n",
             path.display().to_string()
         ));
     }
@@ -107,6 +146,18 @@ fn config(receiver: &Receiver, admin: u16, ports: &[(&str, &Path)]) -> String {
         receiver.url()
     ));
     s
+}
+
+/// Waits until every serial port of the config is open.
+fn wait_until_open(agent: &mut Agent, ports: usize) {
+    agent.eventually(&format!("{ports} ports to be opened"), |a| {
+        let n = a.stderr().matches("serial port open").count();
+        if n >= ports {
+            Ok(())
+        } else {
+            Err(format!("{n} open"))
+        }
+    });
 }
 
 fn readings_from(receiver: &Receiver, device: &str) -> Vec<Event> {
@@ -227,6 +278,162 @@ fn an_unplugged_port_is_reopened_and_another_port_keeps_flowing_meanwhile() {
     assert_eq!(
         r[1].data,
         serde_json::json!({"temperature": 4, "door": "d"})
+    );
+    assert!(agent.stop().success());
+}
+
+/// An NMEA sentence with its checksum.
+fn nmea(body: &str) -> String {
+    let sum = body.bytes().fold(0u8, |acc, b| acc ^ b);
+    format!("${body}*{sum:02X}\r\n")
+}
+
+#[test]
+fn json_kv_and_nmea_lines_arrive_as_readings_with_numbers_and_bad_ones_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = Cable::plug(dir.path(), "json");
+    let kv = Cable::plug(dir.path(), "kv");
+    let gps = Cable::plug(dir.path(), "gps");
+    let receiver = Receiver::start();
+    let config = config_with(
+        &receiver,
+        free_port(),
+        &[
+            (
+                "json",
+                &json.port(),
+                "format = \"json\"\ndevice = \"{payload.id}\"",
+            ),
+            ("kv", &kv.port(), "format = \"kv\""),
+            (
+                "gps",
+                &gps.port(),
+                "format = \"nmea\"\ndevice = \"truck-7\"",
+            ),
+        ],
+    );
+    let mut agent = Agent::start(&config, &[]);
+    wait_until_open(&mut agent, 3);
+
+    json.send(
+        b"{\"id\": \"pump-1\", \"rpm\": 1450, \"on\": true, \"time\": \"2026-11-24T10:00:00Z\"}\n",
+    );
+    json.send(b"{\"id\": \"pump-1\", \"rpm\": \n");
+    kv.send(b"t=21.5 rh=40 door=open\r\n");
+    let gga = nmea("GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,");
+    let rmc = nmea("GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W");
+    let corrupted = gga.replace("545.4", "545.5");
+    gps.send(format!("{gga}{corrupted}{rmc}").as_bytes());
+
+    let pump = wait_for(&mut agent, &receiver, "pump-1", 1);
+    assert_eq!(
+        pump[0].data,
+        serde_json::json!({"id": "pump-1", "rpm": 1450, "on": true})
+    );
+    let sent = chrono::DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z").unwrap();
+    assert_eq!(pump[0].time, Some(sent.to_utc()));
+    assert_eq!(pump[0].source, "/ferry/gw-serial/serial/json");
+    let room = wait_for(&mut agent, &receiver, "kv", 1);
+    assert_eq!(
+        room[0].data,
+        serde_json::json!({"t": 21.5, "rh": 40, "door": "open"})
+    );
+    let fixes = wait_for(&mut agent, &receiver, "truck-7", 2);
+    assert_eq!(fixes[0].data["sentence"], "GGA");
+    assert_eq!(fixes[0].data["altitude_m"], 545.4);
+    assert_eq!(fixes[0].data["satellites"], 8);
+    assert_eq!(fixes[1].data["sentence"], "RMC");
+    assert_eq!(fixes[1].data["speed_knots"], 22.4);
+    assert!((fixes[1].data["latitude"].as_f64().unwrap() - 48.1173).abs() < 1e-4);
+
+    let m = agent.wait_for_metric(
+        "ferry_input_rejected_total",
+        &[("source", "gps"), ("reason", "bad_checksum")],
+        1.0,
+    );
+    assert_eq!(
+        m.value(
+            "ferry_input_rejected_total",
+            &[("source", "json"), ("reason", "malformed")]
+        ),
+        1.0,
+        "{}",
+        m.ferry_lines()
+    );
+    assert_eq!(readings_from(&receiver, "truck-7").len(), 2);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_rule_action_writes_lines_to_a_serial_port_and_holds_them_while_it_is_unplugged() {
+    let dir = tempfile::tempdir().unwrap();
+    let tank = Cable::plug(dir.path(), "tank");
+    let mut valves = Cable::plug(dir.path(), "valves");
+    let receiver = Receiver::start();
+    let config = config_with(
+        &receiver,
+        free_port(),
+        &[
+            (
+                "tank",
+                &tank.port(),
+                "format = \"csv\"\nfields = [\"id\", \"level\"]\ndevice = \"{payload.id}\"",
+            ),
+            (
+                "valves",
+                &valves.port(),
+                "format = \"kv\"\nwrite = { line_ending = \"crlf\" }",
+            ),
+        ],
+    );
+    let rules = r#"
+[[rule]]
+id = "tank-full"
+when = "level > 90"
+clear_when = "level < 80"
+action.serial_write = { port = "valves", line = "CLOSE {device}", clear_line = "OPEN {device}" }
+"#;
+    let mut agent = Agent::start(&config, &[("valves.toml", rules)]);
+    wait_until_open(&mut agent, 2);
+    let heard = valves.listen();
+
+    tank.send(b"tank-1,95\n");
+    agent.eventually("the valve to be closed", |_| {
+        let text = heard.text();
+        if text == "CLOSE tank-1\r\n" {
+            Ok(())
+        } else {
+            Err(format!("heard {text:?}"))
+        }
+    });
+
+    // The valve controller goes away; the next command waits for it.
+    valves.unplug();
+    agent.eventually("the agent to notice the unplug", |a| {
+        if a.stderr_contains("serial port lost") {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    });
+    tank.send(b"tank-1,70\n");
+    wait_for(&mut agent, &receiver, "tank-1", 2);
+    valves.replug();
+    let heard = valves.listen();
+    agent.eventually("the held command after the replug", |_| {
+        let text = heard.text();
+        if text == "OPEN tank-1\r\n" {
+            Ok(())
+        } else {
+            Err(format!("heard {text:?}"))
+        }
+    });
+    let m = agent.metrics();
+    assert_eq!(
+        m.value("ferry_actions_sent_total", &[("rule", "tank-full")]),
+        2.0,
+        "{}",
+        m.ferry_lines()
     );
     assert!(agent.stop().success());
 }

@@ -93,6 +93,17 @@ pub struct SinksConfig {
     pub console: Vec<ConsoleSinkConfig>,
 }
 
+impl Config {
+    /// The names rule files may refer to (sinks in `emit.to`, serial sources in
+    /// `action.serial_write.port`), for checking them.
+    pub fn check_options(&self) -> ferry_rules::CheckOptions {
+        ferry_rules::CheckOptions {
+            known_sinks: Some(self.sink.names()),
+            known_serial_ports: Some(self.source.serial.iter().map(|s| s.name.clone()).collect()),
+        }
+    }
+}
+
 impl SinksConfig {
     /// Every sink's name, in config order.
     pub fn names(&self) -> Vec<String> {

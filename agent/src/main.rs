@@ -55,7 +55,8 @@ enum RulesCommand {
     Check {
         /// The rules directory.
         dir: PathBuf,
-        /// A config file whose sink names `emit.to` must use.
+        /// A config file whose sink and serial source names `emit.to` and
+        /// `action.serial_write.port` must use.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -71,7 +72,8 @@ enum RulesCommand {
         /// Print each would-be CloudEvent as one JSON line instead.
         #[arg(long)]
         json: bool,
-        /// A config file whose sink names `emit.to` must use.
+        /// A config file whose sink and serial source names `emit.to` and
+        /// `action.serial_write.port` must use.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -124,7 +126,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     if let Some(loaded) = loaded {
         let c = &loaded.config;
         let rules = match loaded.rules_dir().filter(|d| d.is_dir()) {
-            Some(dir) => match ferry_agent::rules::load_dir(&dir, &c.sink.names()) {
+            Some(dir) => match ferry_agent::rules::load_dir(&dir, &c.check_options()) {
                 Ok(set) => set.len(),
                 Err(d) => {
                     problems.extend(d);
@@ -155,10 +157,10 @@ fn load_rules(
 ) -> Result<RuleSet, ExitCode> {
     let result = match config {
         Some(c) => match Loaded::from_file(c) {
-            Ok(loaded) => ferry_agent::rules::load_dir(dir, &loaded.config.sink.names()),
+            Ok(loaded) => ferry_agent::rules::load_dir(dir, &loaded.config.check_options()),
             Err(problems) => Err(problems),
         },
-        None => ferry_agent::rules::load_dir_unchecked_sinks(dir),
+        None => ferry_agent::rules::load_dir(dir, &Default::default()),
     };
     result.map_err(|problems| report(&problems))
 }
@@ -215,6 +217,13 @@ fn rules_test(
                     },
             } if !json => Some(format!(
                 "{}  {rule}: publish {payload:?} to {topic}",
+                time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )),
+            replay::Line::Action {
+                time,
+                action: ferry_rules::Action::SerialWrite { rule, port, line },
+            } if !json => Some(format!(
+                "{}  {rule}: write {line:?} to serial port {port}",
                 time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             )),
             replay::Line::Dropped { line, device } if !json => Some(format!(

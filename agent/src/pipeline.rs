@@ -34,7 +34,8 @@ use crate::backoff::Backoff;
 use crate::config::{BackoffConfig, Loaded};
 use crate::decode::{self, DecodeConfig, DecodeError, DeviceTemplate, Reading};
 use crate::forward::{self, console::ConsoleSink, http::HttpSink, Sink};
-use crate::ingest::{mqtt::MqttSource, serial::SerialSource, simulator, Input, Origin, Payload};
+use crate::ingest::serial::{QueuedLine, SerialSource};
+use crate::ingest::{mqtt::MqttSource, simulator, Input, Origin, Payload};
 use crate::ratelimit::RateLimit;
 use crate::store::{sled::SledStore, Record, Store, StoreError};
 
@@ -99,8 +100,8 @@ pub async fn run(
 
     let rules = match loaded.rules_dir() {
         Some(dir) => {
-            let sinks = sink_names.clone();
-            let set = tokio::task::spawn_blocking(move || crate::rules::load_dir(&dir, &sinks))
+            let known = cfg.check_options();
+            let set = tokio::task::spawn_blocking(move || crate::rules::load_dir(&dir, &known))
                 .await
                 .map_err(|e| StartError::Internal(format!("rule loading failed: {e}")))?
                 .map_err(StartError::Rules)?;
@@ -198,12 +199,15 @@ pub async fn run(
         };
         sources.spawn(source.run(tx.clone(), actions, stop_sources.clone()));
     }
+    let mut serial_writes = HashMap::new();
     for s in &cfg.source.serial {
+        let (write_tx, write_rx) = mpsc::channel(s.write.queue);
+        serial_writes.insert(s.name.clone(), write_tx);
         let source = SerialSource {
             origin: Origin::new(&agent_id, "serial", &s.name, None),
             cfg: s.clone(),
         };
-        sources.spawn(source.run(tx.clone(), stop_sources.clone()));
+        sources.spawn(source.run(tx.clone(), write_rx, stop_sources.clone()));
     }
     for s in &cfg.source.simulator {
         let origin = Origin::new(&agent_id, "simulator", &s.name, None);
@@ -222,7 +226,7 @@ pub async fn run(
     tokio::spawn(crate::rules::watch(
         loaded.rules_dir(),
         cfg.rules.reload,
-        sink_names.clone(),
+        cfg.check_options(),
         reload_tx,
         stop_watch.clone(),
     ));
@@ -232,8 +236,11 @@ pub async fn run(
         head: head_tx,
         log_limit: RateLimit::new(10, Duration::from_secs(60)),
         origins: source_uris(cfg, &agent_id),
-        // Without an MQTT source to publish through, actions are counted and dropped.
-        actions: actions_rx.is_none().then_some(actions_tx),
+        actuators: Actuators {
+            // Without an MQTT source to publish through, publishes are counted and dropped.
+            mqtt: actions_rx.is_none().then_some(actions_tx),
+            serial: serial_writes,
+        },
         progress_unsaved: false,
         last_state_save: Instant::now(),
     };
@@ -279,6 +286,36 @@ fn source_uris(cfg: &crate::config::Config, agent: &str) -> HashMap<String, Stri
         .collect()
 }
 
+/// Where rule actions go: the MQTT connection that carries publishes, and each serial
+/// port's write queue. Handing over never waits, so an actuator that is away cannot
+/// stall the commit task; a full queue drops the action (counted by `reason`).
+struct Actuators {
+    /// `None` when no MQTT source carries publishes.
+    mqtt: Option<mpsc::Sender<Action>>,
+    /// By serial source name.
+    serial: HashMap<String, mpsc::Sender<QueuedLine>>,
+}
+
+impl Actuators {
+    /// Hands `action` to its actuator. `Err` is why it was dropped instead.
+    fn send(&self, action: Action) -> Result<(), &'static str> {
+        match action {
+            Action::MqttPublish { .. } => match &self.mqtt {
+                None => Err("no_mqtt_source"),
+                Some(tx) => tx.try_send(action).map_err(|_| "queue_full"),
+            },
+            Action::SerialWrite { rule, port, line } => match self.serial.get(&port) {
+                // The rule check knows the serial sources, so only a port whose task
+                // has ended (shutdown) gets here.
+                None => Err("no_serial_port"),
+                Some(tx) => tx
+                    .try_send(QueuedLine::new(rule, line))
+                    .map_err(|_| "queue_full"),
+            },
+        }
+    }
+}
+
 /// Decodes, evaluates and commits inputs in arrival order, then runs their acks.
 struct Committer {
     rules: RuleSet,
@@ -286,8 +323,8 @@ struct Committer {
     head: watch::Sender<u64>,
     log_limit: RateLimit,
     origins: HashMap<String, String>,
-    /// Where rule actions go; `None` when no MQTT source carries them.
-    actions: Option<mpsc::Sender<Action>>,
+    /// Where rule actions go.
+    actuators: Actuators,
     /// Rule bookkeeping changed since the state was last saved.
     progress_unsaved: bool,
     last_state_save: Instant,
@@ -376,11 +413,11 @@ impl Committer {
             ack();
         }
         for action in batch.actions {
-            let sent = self.actions.as_ref().map(|tx| tx.try_send(action));
-            if !matches!(sent, Some(Ok(()))) {
-                metrics::counter!("ferry_actions_dropped_total").increment(1);
+            let rule = action.rule().to_owned();
+            if let Err(reason) = self.actuators.send(action) {
+                metrics::counter!("ferry_actions_dropped_total", "reason" => reason).increment(1);
                 if let Some(suppressed) = self.log_limit.check(Instant::now()) {
-                    warn!(suppressed, "rule action dropped: no MQTT source to publish through, or too many waiting");
+                    warn!(%rule, reason, suppressed, "rule action dropped");
                 }
             }
         }

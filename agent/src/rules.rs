@@ -22,19 +22,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 /// Reads every `*.toml` file in `dir` (sorted, so rule order is stable) and compiles
-/// them. `Err` carries every problem in every file.
-pub fn load_dir(dir: &Path, sinks: &[String]) -> Result<RuleSet, Vec<Diagnostic>> {
-    let files = read_dir(dir)?;
-    let opts = CheckOptions {
-        known_sinks: Some(sinks.to_vec()),
-    };
-    RuleSet::compile(&files, &opts)
-}
-
-/// [`load_dir`] without the sink names (for `ferry rules check DIR` with no config):
-/// `emit.to` is not checked against sinks.
-pub fn load_dir_unchecked_sinks(dir: &Path) -> Result<RuleSet, Vec<Diagnostic>> {
-    RuleSet::compile(&read_dir(dir)?, &CheckOptions::default())
+/// them, checking the sink and serial port names they use against `known` (from
+/// [`Config::check_options`](crate::config::Config::check_options); the default
+/// checks no names, for `ferry rules check DIR` without a config). `Err` carries every
+/// problem in every file.
+pub fn load_dir(dir: &Path, known: &CheckOptions) -> Result<RuleSet, Vec<Diagnostic>> {
+    RuleSet::compile(&read_dir(dir)?, known)
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, Vec<Diagnostic>> {
@@ -75,7 +68,7 @@ fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, Vec<Diagnostic>> {
 pub async fn watch(
     dir: Option<PathBuf>,
     watch_files: bool,
-    sinks: Vec<String>,
+    known: CheckOptions,
     reloaded: mpsc::Sender<RuleSet>,
     cancel: CancellationToken,
 ) {
@@ -128,8 +121,8 @@ pub async fn watch(
             );
             continue;
         };
-        let s = sinks.clone();
-        let result = match tokio::task::spawn_blocking(move || load_dir(&d, &s)).await {
+        let k = known.clone();
+        let result = match tokio::task::spawn_blocking(move || load_dir(&d, &k)).await {
             Ok(r) => r,
             Err(e) => {
                 error!(error = %e, "rule loading failed");

@@ -4,14 +4,15 @@ use crate::diagnostic::Diagnostic;
 use crate::duration;
 use crate::expr::{self, Condition};
 use crate::file::{
-    self, ActionDef, AggregateDef, CountDef, EmitDef, ForwardDef, Placed, RateDef, RuleDef,
+    self, ActionDef, AggregateDef, CountDef, EmitDef, ForwardDef, MqttPublishDef, Placed, RateDef,
+    RuleDef, SerialWriteDef,
 };
 use crate::glob::Glob;
 use crate::kinds::{
     Aggregate, ConditionAlert, Count, Deadband, EveryReading, Function, Kind, Rate, Stale,
     MAX_COUNT,
 };
-use crate::rule::{Emit, FieldPath, Matcher, Publish, Rule};
+use crate::rule::{Actuation, Emit, FieldPath, Matcher, Publish, Rule, SerialWrite};
 use crate::toml_string::StringMap;
 use cel::Env;
 use chrono::TimeDelta;
@@ -38,6 +39,9 @@ pub struct CheckOptions {
     /// The configured sink names. When `Some`, every name in a rule's `emit.to` must
     /// be one of them; when `None`, `emit.to` names are not checked.
     pub known_sinks: Option<Vec<String>>,
+    /// The configured serial source names. When `Some`, a rule's
+    /// `action.serial_write.port` must be one of them; when `None`, it is not checked.
+    pub known_serial_ports: Option<Vec<String>>,
 }
 
 /// Checks and compiles every rule of every file. Needs a big stack (it compiles CEL).
@@ -230,7 +234,7 @@ impl Checker<'_> {
             errors.push((
                 header,
                 "this rule does nothing: give it `emit` (raise events), `action` (publish to \
-                 MQTT) or `forward` (drop or thin out readings)"
+                 MQTT or write to a serial port) or `forward` (drop or thin out readings)"
                     .into(),
             ));
         } else if trigger.is_none() && def.when.is_none() {
@@ -269,9 +273,10 @@ impl Checker<'_> {
         } else {
             None
         };
-        let action = def
-            .action
-            .map(|a| publish(text, a.into_inner(), no_clear, &mut canon, &mut errors));
+        let action = def.action.map(|a| {
+            let at = a.start().unwrap_or(header);
+            self.action(text, at, a.into_inner(), no_clear, &mut canon, &mut errors)
+        });
 
         let mut filter = None;
         let kind = match trigger {
@@ -421,6 +426,37 @@ impl Checker<'_> {
     }
 
     /// Checks `emit.to`: not empty, no name twice, every name a known sink.
+    /// Checks `action`: `mqtt_publish`, `serial_write`, or both. `at`: where the
+    /// `action` table starts.
+    fn action(
+        &self,
+        text: &str,
+        at: usize,
+        def: ActionDef,
+        no_clear: Option<&str>,
+        canon: &mut Canon,
+        errors: &mut Vec<Found>,
+    ) -> Option<Actuation> {
+        let before = errors.len();
+        if def.mqtt_publish.is_none() && def.serial_write.is_none() {
+            errors.push((
+                at,
+                "`action` needs `mqtt_publish` or `serial_write` (or both)".into(),
+            ));
+        }
+        let publish = def
+            .mqtt_publish
+            .map(|p| publish(text, p.into_inner(), no_clear, canon, errors));
+        let write = def.serial_write.map(|w| {
+            let ports = self.opts.known_serial_ports.as_deref();
+            serial_write(w.into_inner(), ports, no_clear, canon, errors)
+        });
+        (errors.len() == before).then(|| Actuation {
+            publish: publish.flatten(),
+            write: write.flatten(),
+        })
+    }
+
     fn sinks(&self, to: &Spanned<Vec<Spanned<String>>>, errors: &mut Vec<Found>) {
         if to.get_ref().is_empty() {
             errors.push((
@@ -457,17 +493,80 @@ impl Checker<'_> {
     }
 }
 
+/// Checks `action.serial_write`. `no_clear`: as for [`publish`].
+fn serial_write(
+    def: SerialWriteDef,
+    known_ports: Option<&[String]>,
+    no_clear: Option<&str>,
+    canon: &mut Canon,
+    errors: &mut Vec<Found>,
+) -> Option<SerialWrite> {
+    let before = errors.len();
+    let port = &def.port;
+    if port.get_ref().is_empty() {
+        errors.push((
+            port.span().start,
+            "`action.serial_write.port` is empty".into(),
+        ));
+    } else if let Some(known) = known_ports {
+        if !known.contains(port.get_ref()) {
+            let message = if known.is_empty() {
+                format!(
+                    "unknown serial port `{}` in `action.serial_write.port`; no \
+                     [[source.serial]] is configured",
+                    port.get_ref()
+                )
+            } else {
+                format!(
+                    "unknown serial port `{}` in `action.serial_write.port`; the serial \
+                     sources are: {}",
+                    port.get_ref(),
+                    known.join(", ")
+                )
+            };
+            errors.push((port.span().start, message));
+        }
+    }
+    for (key, line) in [
+        ("line", Some(&def.line)),
+        ("clear_line", def.clear_line.as_ref()),
+    ] {
+        let Some(line) = line else { continue };
+        if line.get_ref().contains(['\r', '\n', '\0']) {
+            errors.push((
+                line.span().start,
+                format!(
+                    "`action.serial_write.{key}` is one line: no line break or NUL (the \
+                     port's line ending is added)"
+                ),
+            ));
+        }
+    }
+    if let (Some(clear), Some(why)) = (&def.clear_line, no_clear) {
+        errors.push((
+            clear.span().start,
+            format!("`action.serial_write.clear_line` cannot be used with {why}"),
+        ));
+    }
+    let write = SerialWrite {
+        port: def.port.into_inner(),
+        line: def.line.into_inner(),
+        clear_line: def.clear_line.map(Spanned::into_inner),
+    };
+    canon.add("action.serial_write", Some(&write));
+    (errors.len() == before).then_some(write)
+}
+
 /// Checks `action.mqtt_publish`. `no_clear`: why `clear_payload` makes no sense for
 /// this rule, if it does not.
 fn publish(
     text: &str,
-    def: ActionDef,
+    def: MqttPublishDef,
     no_clear: Option<&str>,
     canon: &mut Canon,
     errors: &mut Vec<Found>,
 ) -> Option<Publish> {
     let before = errors.len();
-    let def = def.mqtt_publish.into_inner();
     let topic = &def.topic;
     let name = topic.get_ref();
     let key = "`action.mqtt_publish.topic`";
@@ -930,7 +1029,7 @@ fn summary(
     when: Option<&str>,
     clear_when: Option<&str>,
     emit: Option<&Emit>,
-    action: Option<&Publish>,
+    action: Option<&Actuation>,
 ) -> String {
     let one_line = |text: Option<&str>| {
         text.unwrap_or_default()
@@ -1017,8 +1116,11 @@ fn summary(
     if let Some(emit) = emit {
         text.push_str(&format!("; emits {}", emit.event_type));
     }
-    if let Some(action) = action {
-        text.push_str(&format!("; publishes to {}", action.topic));
+    if let Some(publish) = action.and_then(|a| a.publish.as_ref()) {
+        text.push_str(&format!("; publishes to {}", publish.topic));
+    }
+    if let Some(write) = action.and_then(|a| a.write.as_ref()) {
+        text.push_str(&format!("; writes to serial port {}", write.port));
     }
     text
 }
@@ -1059,6 +1161,7 @@ emit = { type = "x", to = ["cloud"] }
     fn a_good_rule_compiles_with_its_settings() {
         let opts = CheckOptions {
             known_sinks: Some(vec!["cloud".into()]),
+            ..CheckOptions::default()
         };
         let rules = check(&[("a.toml", GOOD)], &opts);
         let Ok(rules) = rules else {
@@ -1098,11 +1201,52 @@ emit = { type = "" }
         assert!(check(&[("a.toml", GOOD)], &CheckOptions::default()).is_ok());
         let none_known = CheckOptions {
             known_sinks: Some(Vec::new()),
+            ..CheckOptions::default()
         };
         assert_eq!(
             places(check(&[("a.toml", GOOD)], &none_known)),
             ["a.toml:4:28: unknown sink `cloud` in `emit.to`; no sinks are configured"]
         );
+    }
+
+    #[test]
+    fn a_serial_write_must_name_a_configured_port_and_be_one_line() {
+        let text = r#"[[rule]]
+id = "valve"
+when = "level > 90"
+action = { serial_write = { port = "pump", line = "OPEN\nALL", clear_line = "CLOSE" } }
+
+[[rule]]
+id = "empty"
+when = "level > 95"
+action = {}
+"#;
+        let opts = CheckOptions {
+            known_serial_ports: Some(vec!["valves".into(), "display".into()]),
+            ..CheckOptions::default()
+        };
+        assert_eq!(
+            places(check(&[("a.toml", text)], &opts)),
+            [
+                "a.toml:4:36: unknown serial port `pump` in `action.serial_write.port`; the \
+                 serial sources are: valves, display",
+                "a.toml:4:51: `action.serial_write.line` is one line: no line break or NUL (the \
+                 port's line ending is added)",
+                "a.toml:9:10: `action` needs `mqtt_publish` or `serial_write` (or both)",
+            ]
+        );
+        let fixed = text
+            .replace("pump", "valves")
+            .replace("OPEN\\nALL", "OPEN")
+            .replace(
+                "action = {}",
+                "action.serial_write = { port = \"display\", line = \"FULL\" }",
+            );
+        let rules = check(&[("a.toml", &fixed)], &opts);
+        let Ok(rules) = rules else {
+            panic!("{:?}", places(rules));
+        };
+        assert!(rules[0].summary.ends_with("; writes to serial port valves"));
     }
 
     #[test]

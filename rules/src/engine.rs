@@ -171,6 +171,25 @@ pub enum Action {
         qos: u8,
         retain: bool,
     },
+    /// Write `line` to the serial port of the serial source named `port`; the agent
+    /// adds the port's line ending.
+    SerialWrite {
+        /// The rule's `id`.
+        rule: String,
+        /// The serial source's name.
+        port: String,
+        /// The line, placeholders substituted; never contains a line break or a NUL.
+        line: String,
+    },
+}
+
+impl Action {
+    /// The `id` of the rule that decided it.
+    pub fn rule(&self) -> &str {
+        match self {
+            Action::MqttPublish { rule, .. } | Action::SerialWrite { rule, .. } => rule,
+        }
+    }
 }
 
 /// A rule could not do its work on a reading: a field it uses is missing or of the

@@ -194,14 +194,31 @@ impl<'de> Deserialize<'de> for ForwardDef {
     }
 }
 
-/// `action = { mqtt_publish = {...} }`.
+/// `action = { mqtt_publish = {...} }` and/or `action = { serial_write = {...} }`.
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a table like { mqtt_publish = { topic = \"...\", payload = \"...\" } }"
+    expecting = "a table like { mqtt_publish = { topic = \"...\", payload = \"...\" } } \
+                 or { serial_write = { port = \"...\", line = \"...\" } }"
 )]
 pub(crate) struct ActionDef {
-    pub mqtt_publish: Placed<MqttPublishDef>,
+    #[serde(default)]
+    pub mqtt_publish: Option<Placed<MqttPublishDef>>,
+    #[serde(default)]
+    pub serial_write: Option<Placed<SerialWriteDef>>,
+}
+
+/// `serial_write = { port, line, clear_line }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table like { port = \"...\", line = \"...\" }"
+)]
+pub(crate) struct SerialWriteDef {
+    pub port: Spanned<String>,
+    pub line: Spanned<String>,
+    #[serde(default)]
+    pub clear_line: Option<Spanned<String>>,
 }
 
 /// `mqtt_publish = { topic, payload, clear_payload, qos, retain }`.
@@ -561,12 +578,12 @@ sevrity = "low"
             .as_ref()
             .map(|e| (e.span.clone(), e.get_ref().event_type.get_ref()));
         assert_eq!(emit, Some((None, &"y".to_owned())));
-        let action = b.action.as_ref().map(|a| a.get_ref());
+        let publish = b
+            .action
+            .as_ref()
+            .and_then(|a| a.get_ref().mqtt_publish.as_ref());
         assert_eq!(
-            action.map(|a| (
-                a.mqtt_publish.span.is_some(),
-                a.mqtt_publish.get_ref().topic.get_ref().as_str()
-            )),
+            publish.map(|p| (p.span.is_some(), p.get_ref().topic.get_ref().as_str())),
             Some((true, "t"))
         );
     }

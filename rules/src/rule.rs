@@ -1,6 +1,6 @@
 //! One checked rule: which readings it looks at ([`Matcher`], and `when` as a
 //! filter), what it watches for ([`Kind`]), and what it does on a transition
-//! ([`Emit`], [`Publish`]).
+//! ([`Emit`], [`Actuation`]).
 
 use crate::engine::{Action, Alert, EvalError, Outcome, Reading, StateChange, Transition};
 use crate::expr::{Bindings, Condition};
@@ -29,7 +29,7 @@ pub(crate) struct Rule {
     pub filter: Option<Condition>,
     pub kind: Kind,
     pub emit: Option<Emit>,
-    pub action: Option<Publish>,
+    pub action: Option<Actuation>,
 }
 
 /// What a rule says about forwarding the reading it just saw.
@@ -116,6 +116,47 @@ pub(crate) struct Emit {
     pub to: Option<Vec<String>>,
 }
 
+/// `action`: what a rule switches locally on a transition. At least one of the two.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct Actuation {
+    pub publish: Option<Publish>,
+    pub write: Option<SerialWrite>,
+}
+
+impl Actuation {
+    /// The actions for `transition` of `device`, each `Err` for one that cannot be
+    /// done safely with this device id.
+    fn actions(
+        &self,
+        rule: &str,
+        device: &str,
+        transition: Transition,
+    ) -> impl Iterator<Item = Result<Action, String>> {
+        let publish = self
+            .publish
+            .as_ref()
+            .map(|p| p.action(rule, device, transition));
+        let write = self
+            .write
+            .as_ref()
+            .map(|w| w.action(rule, device, transition));
+        [publish, write]
+            .into_iter()
+            .flatten()
+            .filter_map(Result::transpose)
+    }
+}
+
+/// The text for a transition: `on` when fired, `clear` (if given) when resolved,
+/// nothing for a window.
+fn pick<'a>(on: &'a str, clear: Option<&'a str>, transition: Transition) -> Option<&'a str> {
+    match transition {
+        Transition::Fired => Some(on),
+        Transition::Resolved => clear,
+        Transition::Window => None,
+    }
+}
+
 /// `action.mqtt_publish`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Publish {
@@ -137,13 +178,8 @@ impl Publish {
         device: &str,
         transition: Transition,
     ) -> Result<Option<Action>, String> {
-        let payload = match transition {
-            Transition::Fired => &self.payload,
-            Transition::Resolved => match &self.clear_payload {
-                Some(payload) => payload,
-                None => return Ok(None),
-            },
-            Transition::Window => return Ok(None),
+        let Some(payload) = pick(&self.payload, self.clear_payload.as_deref(), transition) else {
+            return Ok(None);
         };
         let topic = substitute(&self.topic, rule, device);
         if self.topic.contains("{device}") && device.contains(['+', '#', '\0']) {
@@ -158,6 +194,44 @@ impl Publish {
             payload: substitute(payload, rule, device),
             qos: self.qos,
             retain: self.retain,
+        }))
+    }
+}
+
+/// `action.serial_write`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SerialWrite {
+    /// The name of a serial source.
+    pub port: String,
+    /// With `{device}` and `{rule}` placeholders; checked to hold no line break.
+    pub line: String,
+    pub clear_line: Option<String>,
+}
+
+impl SerialWrite {
+    /// The action for `transition` of `device`, if there is one: `line` on fired,
+    /// `clear_line` (if given) on resolved. `Err` if the device id would put a line
+    /// break or a NUL into the line: that would send the actuator a second command.
+    fn action(
+        &self,
+        rule: &str,
+        device: &str,
+        transition: Transition,
+    ) -> Result<Option<Action>, String> {
+        let Some(line) = pick(&self.line, self.clear_line.as_deref(), transition) else {
+            return Ok(None);
+        };
+        if line.contains("{device}") && device.contains(['\r', '\n', '\0']) {
+            return Err(format!(
+                "not writing to serial port `{}`: the device id {device:?} puts a line break \
+                 or NUL into the line",
+                self.port
+            ));
+        }
+        Ok(Some(Action::SerialWrite {
+            rule: rule.to_owned(),
+            port: self.port.clone(),
+            line: substitute(line, rule, device),
         }))
     }
 }
@@ -177,7 +251,7 @@ pub(crate) struct Effects<'a> {
     /// `every_reading`, not aggregates).
     pub lifecycle: bool,
     pub emit: Option<&'a Emit>,
-    pub action: Option<&'a Publish>,
+    pub action: Option<&'a Actuation>,
 }
 
 /// One transition of one device, for [`Effects::transition`].
@@ -209,11 +283,12 @@ impl Effects<'_> {
         if self.lifecycle && event.transition != Transition::Window {
             out.state = out.state.max(StateChange::Transition);
         }
-        if let Some(publish) = self.action {
-            match publish.action(self.rule, event.device, event.transition) {
-                Ok(Some(action)) => out.actions.push(action),
-                Ok(None) => {}
-                Err(message) => self.error(out, message),
+        if let Some(actuation) = self.action {
+            for action in actuation.actions(self.rule, event.device, event.transition) {
+                match action {
+                    Ok(action) => out.actions.push(action),
+                    Err(message) => self.error(out, message),
+                }
             }
         }
         let Some(emit) = self.emit else {
@@ -455,6 +530,34 @@ mod tests {
         assert!(publish
             .action("fan-on", "room+1", Transition::Fired)
             .is_err());
+    }
+
+    #[test]
+    fn a_serial_write_sends_the_clear_line_on_resolve_and_refuses_line_breaks_from_device_ids() {
+        let actuation = Actuation {
+            publish: None,
+            write: Some(SerialWrite {
+                port: "valves".into(),
+                line: "OPEN {device} by {rule}".into(),
+                clear_line: Some("CLOSE {device}".into()),
+            }),
+        };
+        let all = |device: &str, t| actuation.actions("r", device, t).collect::<Vec<_>>();
+        let write = |line: &str| {
+            Ok(Action::SerialWrite {
+                rule: "r".into(),
+                port: "valves".into(),
+                line: line.into(),
+            })
+        };
+        assert_eq!(all("v1", Transition::Fired), [write("OPEN v1 by r")]);
+        assert_eq!(all("v1", Transition::Resolved), [write("CLOSE v1")]);
+        assert_eq!(all("v1", Transition::Window), []);
+        let injected = all("v1\nFLUSH", Transition::Fired);
+        assert!(
+            matches!(injected.as_slice(), [Err(m)] if m.contains("line break")),
+            "{injected:?}"
+        );
     }
 
     #[test]

@@ -15,12 +15,13 @@
 //!   `rule`, `type`, `transition`, `device`, `source`, `time`, `severity`, `to`, and
 //!   `data` if the expected alert has it (all of them when the file is first
 //!   blessed); an error has `rule` and `message`; an action is `{"mqtt_publish":
-//!   {"rule", "topic", "payload", "qos", "retain"}}`; `"state": "progress"` or
+//!   {"rule", "topic", "payload", "qos", "retain"}}` or `{"serial_write": {"rule",
+//!   "port", "line"}}`; `"state": "progress"` or
 //!   `"transition"` when the saved state changed. Restart and reload steps give
 //!   `{"restored": ...}` / `{"reloaded": true}` lines.
 //! - `diagnostics/<case>/`: one or more `*.toml` files (compiled together, in name
 //!   order, named by their file name), an optional `options.json`
-//!   (`{"known_sinks": [...]}`), and `expected.txt`: every diagnostic as displayed,
+//!   (`{"known_sinks": [...], "known_serial_ports": [...]}`), and `expected.txt`: every diagnostic as displayed,
 //!   separated by blank lines.
 //!
 //! Run with `FERRY_BLESS=1` to write the actual results over the expected files after
@@ -86,13 +87,17 @@ fn options(case: &Path) -> CheckOptions {
         return CheckOptions::default();
     }
     let options: Value = serde_json::from_str(&read(&path)).unwrap_or_else(|e| panic!("{e}"));
-    CheckOptions {
-        known_sinks: options["known_sinks"].as_array().map(|sinks| {
-            sinks
+    let names = |key: &str| {
+        options[key].as_array().map(|names| {
+            names
                 .iter()
                 .map(|s| s.as_str().unwrap_or_default().to_owned())
                 .collect()
-        }),
+        })
+    };
+    CheckOptions {
+        known_sinks: names("known_sinks"),
+        known_serial_ports: names("known_serial_ports"),
     }
 }
 
@@ -158,6 +163,9 @@ fn summary(outcome: &Outcome, with_data: &dyn Fn(usize) -> bool) -> Value {
                 retain,
             } => json!({"mqtt_publish": {
                 "rule": rule, "topic": topic, "payload": payload, "qos": qos, "retain": retain
+            }}),
+            Action::SerialWrite { rule, port, line } => json!({"serial_write": {
+                "rule": rule, "port": port, "line": line
             }}),
         })
         .collect();

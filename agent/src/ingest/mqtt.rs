@@ -400,7 +400,12 @@ fn publish_action(client: &AsyncClient, source: &str, action: Action) {
         payload,
         qos,
         retain,
-    } = action;
+    } = action
+    else {
+        // The pipeline routes only publishes here.
+        debug!(%source, rule = %action.rule(), "not a publish; ignored");
+        return;
+    };
     let qos = if qos == 0 {
         QoS::AtMostOnce
     } else {
@@ -412,7 +417,7 @@ fn publish_action(client: &AsyncClient, source: &str, action: Action) {
             debug!(%source, %rule, %topic, "rule action published");
         }
         Err(error) => {
-            metrics::counter!("ferry_actions_dropped_total").increment(1);
+            metrics::counter!("ferry_actions_dropped_total", "reason" => "queue_full").increment(1);
             warn!(%source, %rule, %topic, %error, "rule action could not be queued");
         }
     }

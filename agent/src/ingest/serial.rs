@@ -6,13 +6,18 @@
 //! without touching any other source. State changes are logged once, not per retry.
 //! Each port runs in its own task, so a port that is absent, stalls or floods garbage
 //! delays nothing else.
+//!
+//! The same task writes rule actions (`action.serial_write`) to the port: lines wait
+//! in a bounded queue while the port is away and go out, oldest first, once it is
+//! back; a line older than `write.max_age` is dropped instead (a stale actuator
+//! command can do harm), and so is one that finds the queue full. Both are counted.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::{Input, Origin, Payload};
 use crate::backoff::Backoff;
-use crate::config::{problem, BackoffConfig, Bytes, Problem};
+use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::decode::{take_time, DeviceTemplate};
 use crate::ratelimit::RateLimit;
 use crate::serial::{Format, FormatConfig, Framer, Framing, LengthBytes};
@@ -74,6 +79,78 @@ pub struct SerialSourceConfig {
     /// Reopen backoff bounds while the port is away. Default `{ min = "500ms", max = "30s" }`.
     #[serde(default = "default_reopen")]
     pub reopen: BackoffConfig,
+    /// How rule actions write lines to this port.
+    #[serde(default)]
+    pub write: WriteConfig,
+}
+
+/// `[source.serial.write]`: lines written by `action.serial_write`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteConfig {
+    /// Added after each line: `lf`, `crlf` or `cr`. Default `lf`.
+    #[serde(default)]
+    pub line_ending: LineEnding,
+    /// Lines that may wait while the port is away; one more is dropped. Default 64.
+    #[serde(default = "default_write_queue")]
+    pub queue: usize,
+    /// A line that waited longer is dropped, not written. Default 5 minutes.
+    #[serde(default = "default_write_max_age")]
+    pub max_age: Dur,
+    /// A write that takes longer (flow control holding it back) counts as a lost
+    /// port: it is reopened and the line written again. Default 5 seconds.
+    #[serde(default = "default_write_timeout")]
+    pub timeout: Dur,
+}
+
+impl Default for WriteConfig {
+    fn default() -> Self {
+        Self {
+            line_ending: LineEnding::default(),
+            queue: default_write_queue(),
+            max_age: default_write_max_age(),
+            timeout: default_write_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineEnding {
+    #[default]
+    Lf,
+    Crlf,
+    Cr,
+}
+
+impl LineEnding {
+    fn bytes(self) -> &'static [u8] {
+        match self {
+            LineEnding::Lf => b"\n",
+            LineEnding::Crlf => b"\r\n",
+            LineEnding::Cr => b"\r",
+        }
+    }
+}
+
+/// A line a rule action wants written, waiting for the port.
+#[derive(Debug)]
+pub struct QueuedLine {
+    /// The rule that decided it, for metrics and logs.
+    pub rule: String,
+    /// Without line ending.
+    pub line: String,
+    pub queued: Instant,
+}
+
+impl QueuedLine {
+    pub fn new(rule: String, line: String) -> Self {
+        Self {
+            rule,
+            line,
+            queued: Instant::now(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -108,6 +185,15 @@ fn default_max_frame() -> Bytes {
 }
 fn default_time_field() -> Option<String> {
     Some("time".to_string())
+}
+fn default_write_queue() -> usize {
+    64
+}
+fn default_write_max_age() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_write_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
 }
 fn default_reopen() -> BackoffConfig {
     BackoffConfig::new(Duration::from_millis(500), Duration::from_secs(30))
@@ -164,6 +250,23 @@ impl SerialSourceConfig {
                 "source {n:?}: {e}"
             ));
         }
+        if !(1..=100_000).contains(&self.write.queue) {
+            out.push(problem!(
+                ["source", "serial", i, "write", "queue"],
+                "source {n:?}: write.queue must be between 1 and 100000 lines"
+            ));
+        }
+        for (key, value) in [
+            ("max_age", self.write.max_age),
+            ("timeout", self.write.timeout),
+        ] {
+            if value.0.is_zero() {
+                out.push(problem!(
+                    ["source", "serial", i, "write", key],
+                    "source {n:?}: write.{key} must be more than 0"
+                ));
+            }
+        }
         out.extend(self.reopen.validate(&[
             "source".into(),
             "serial".into(),
@@ -187,8 +290,14 @@ enum Ended {
 }
 
 impl SerialSource {
-    /// Runs until `cancel`: open, read, and reopen whenever the port goes away.
-    pub async fn run(self, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
+    /// Runs until `cancel`: open, read, write the lines `writes` brings, and reopen
+    /// whenever the port goes away.
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<Input>,
+        mut writes: mpsc::Receiver<QueuedLine>,
+        cancel: CancellationToken,
+    ) {
         let name = self.cfg.name.clone();
         let path = self.cfg.path.display().to_string();
         let (format, template) = match (self.cfg.format_config(), self.cfg.device_template()) {
@@ -213,7 +322,10 @@ impl SerialSource {
             format: &format,
             template: &template,
             time_field: self.cfg.time_field.as_deref(),
+            write: &self.cfg.write,
         };
+        // A line taken from the queue whose write failed: written first on reopen.
+        let mut unwritten: Option<QueuedLine> = None;
         loop {
             let opened = tokio_serial::new(&path, self.cfg.baud)
                 .data_bits(match self.cfg.data_bits {
@@ -239,15 +351,19 @@ impl SerialSource {
                 })
                 .open_native_async();
             match opened {
-                Ok(mut port) => {
+                Ok(port) => {
                     info!(source = %name, %path, "serial port open");
                     absent_reported = false;
                     backoff.reset();
                     framer.reset();
-                    match ctx
-                        .read(&mut port, &mut framer, &tx, &cancel, &mut log_limit)
-                        .await
-                    {
+                    let io = Io {
+                        framer: &mut framer,
+                        tx: &tx,
+                        writes: &mut writes,
+                        unwritten: &mut unwritten,
+                        log_limit: &mut log_limit,
+                    };
+                    match ctx.serve(port, io, &cancel).await {
                         Ended::Cancelled => return,
                         Ended::Lost(why) => {
                             warn!(source = %name, %path, reason = %why, "serial port lost; reopening with backoff")
@@ -275,23 +391,55 @@ struct Session<'a> {
     format: &'a FormatConfig,
     template: &'a DeviceTemplate,
     time_field: Option<&'a str>,
+    write: &'a WriteConfig,
+}
+
+/// What a port session reads into and writes from; kept across sessions.
+struct Io<'a> {
+    framer: &'a mut Framer,
+    tx: &'a mpsc::Sender<Input>,
+    writes: &'a mut mpsc::Receiver<QueuedLine>,
+    unwritten: &'a mut Option<QueuedLine>,
+    log_limit: &'a mut RateLimit,
 }
 
 impl Session<'_> {
-    async fn read(
+    /// Reads frames and writes queued lines until the port is lost or `cancel`.
+    async fn serve(
         &self,
-        port: &mut tokio_serial::SerialStream,
-        framer: &mut Framer,
-        tx: &mpsc::Sender<Input>,
+        port: tokio_serial::SerialStream,
+        io: Io<'_>,
         cancel: &CancellationToken,
-        log_limit: &mut RateLimit,
     ) -> Ended {
+        let Io {
+            framer,
+            tx,
+            writes,
+            unwritten,
+            log_limit,
+        } = io;
+        let (mut reader, mut writer) = tokio::io::split(port);
         let mut buf = [0u8; 1024];
         let mut frames = Vec::new();
+        // The queue closes only when the pipeline stops; reading goes on until then.
+        let mut queue_open = true;
         loop {
+            if let Some(queued) = unwritten.take() {
+                if let Err(why) = self.write_line(&mut writer, &queued).await {
+                    *unwritten = Some(queued);
+                    return Ended::Lost(why);
+                }
+            }
             let n = tokio::select! {
                 _ = cancel.cancelled() => return Ended::Cancelled,
-                r = port.read(&mut buf) => match r {
+                queued = writes.recv(), if queue_open => {
+                    match queued {
+                        Some(queued) => *unwritten = Some(queued),
+                        None => queue_open = false,
+                    }
+                    continue;
+                }
+                r = reader.read(&mut buf) => match r {
                     Ok(0) => return Ended::Lost("end of stream".to_string()),
                     Ok(n) => n,
                     Err(e) => return Ended::Lost(e.to_string()),
@@ -330,6 +478,38 @@ impl Session<'_> {
                     r = tx.send(input) => if r.is_err() { return Ended::Cancelled },
                 }
             }
+        }
+    }
+
+    /// Writes one queued line with the port's line ending, unless it waited too long.
+    /// `Err` (the port is lost) leaves the line to the caller to write again.
+    async fn write_line(
+        &self,
+        writer: &mut tokio::io::WriteHalf<tokio_serial::SerialStream>,
+        queued: &QueuedLine,
+    ) -> Result<(), String> {
+        let waited = queued.queued.elapsed();
+        if waited > self.write.max_age.0 {
+            metrics::counter!("ferry_actions_dropped_total", "reason" => "expired").increment(1);
+            warn!(source = %self.name, rule = %queued.rule, waited = %humantime::format_duration(Duration::from_secs(waited.as_secs())), "serial write dropped: it waited longer than write.max_age");
+            return Ok(());
+        }
+        let mut bytes = Vec::with_capacity(queued.line.len() + 2);
+        bytes.extend_from_slice(queued.line.as_bytes());
+        bytes.extend_from_slice(self.write.line_ending.bytes());
+        let written = async {
+            writer.write_all(&bytes).await?;
+            writer.flush().await
+        };
+        match tokio::time::timeout(self.write.timeout.0, written).await {
+            Ok(Ok(())) => {
+                metrics::counter!("ferry_actions_sent_total", "rule" => queued.rule.clone())
+                    .increment(1);
+                debug!(source = %self.name, rule = %queued.rule, "rule action written to the serial port");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("write failed: {e}")),
+            Err(_) => Err("write timed out".to_string()),
         }
     }
 
