@@ -19,6 +19,8 @@ struct Cable {
     dir: PathBuf,
     name: String,
     child: Option<Child>,
+    /// The device end, held open while plugged in (see [`Cable::replug`]).
+    device: Option<std::fs::File>,
 }
 
 impl Cable {
@@ -27,6 +29,7 @@ impl Cable {
             dir: dir.to_path_buf(),
             name: name.to_string(),
             child: None,
+            device: None,
         };
         c.replug();
         c
@@ -40,10 +43,15 @@ impl Cable {
         self.dir.join(format!("{}-sensor", self.name))
     }
 
+    /// Where socat makes the port link before it is moved to [`Cable::port`].
+    fn staged(&self) -> PathBuf {
+        self.dir.join(format!("{}-port.staged", self.name))
+    }
+
     fn replug(&mut self) {
         assert!(self.child.is_none());
         let child = Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", self.port().display()))
+            .arg(format!("pty,raw,echo=0,link={}", self.staged().display()))
             .arg(format!("pty,raw,echo=0,link={}", self.sensor().display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -51,14 +59,19 @@ impl Cable {
             .spawn()
             .expect("spawn socat (apt-get install -y socat)");
         self.child = Some(child);
-        let (port, sensor) = (self.port(), self.sensor());
+        let (staged, sensor) = (self.staged(), self.sensor());
         eventually("socat to create the pty links", || {
-            if port.exists() && sensor.exists() {
+            if staged.exists() && sensor.exists() {
                 Ok(())
             } else {
                 Err("links not there yet".to_string())
             }
         });
+        // As with a real adapter, the device is connected before the port appears:
+        // a tty forgets what was written to it while nobody had it open, so a port
+        // the agent could open first would lose the agent's first writes.
+        self.device = Some(std::fs::File::open(&sensor).expect("open the device end"));
+        std::fs::rename(&staged, self.port()).expect("move the port link into place");
     }
 
     fn unplug(&mut self) {
@@ -66,7 +79,10 @@ impl Cable {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.device = None;
         let port = self.port();
+        // socat was killed without a chance to remove its links.
+        let _ = std::fs::remove_file(&port);
         eventually("socat to remove the pty links", || {
             if port.exists() {
                 Err("still there".to_string())
@@ -435,5 +451,80 @@ action.serial_write = { port = "valves", line = "CLOSE {device}", clear_line = "
         "{}",
         m.ferry_lines()
     );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_port_absent_at_start_and_a_port_flooding_garbage_delay_neither_other_ports_nor_mqtt() {
+    let dir = tempfile::tempdir().unwrap();
+    let flood = Cable::plug(dir.path(), "flood");
+    let live = Cable::plug(dir.path(), "live");
+    let late_port = dir.path().join("late-port");
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    let mut cfg = TestConfig::new("gw-iso", &broker).http(&receiver.url(), "batch");
+    for (name, path) in [
+        ("flood", flood.port()),
+        ("live", live.port()),
+        ("late", late_port.clone()),
+    ] {
+        cfg.extra.push_str(&format!(
+            "\n[[source.serial]]\nname = \"{name}\"\npath = {:?}\n{CSV}\nreopen = {{ min = \"100ms\", max = \"500ms\" }}\n",
+            path.display().to_string()
+        ));
+    }
+    let mut agent = Agent::start(&cfg.toml(), &[]);
+    wait_until_open(&mut agent, 2);
+    broker.wait_for_subscription(&cfg.client_id(), "sensors/+/telemetry");
+
+    // Garbage as fast as the pty takes it, until the test ends.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = {
+        let stop = Arc::clone(&stop);
+        let mut port = std::fs::OpenOptions::new()
+            .write(true)
+            .open(flood.sensor())
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut state = 0x2545_f491_4f6c_dd1d_u64;
+            let mut chunk = [0u8; 4096];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for b in chunk.iter_mut() {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    *b = state as u8;
+                }
+                if port.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    agent.wait_for_metric(
+        "ferry_input_rejected_total",
+        &[("source", "flood"), ("reason", "too_long")],
+        10.0,
+    );
+
+    broker.publish("sensors/room-1/telemetry", r#"{"seq": 1}"#, 1);
+    live.send(b"5,shut\n");
+    receiver.wait_for_reading("room-1", 1);
+    wait_for(&mut agent, &receiver, "live", 1);
+
+    // The port that was missing at start is plugged in and picked up.
+    let late = Cable::plug(dir.path(), "late");
+    assert_eq!(late.port(), late_port);
+    wait_until_open(&mut agent, 3);
+    late.send(b"7,open\n");
+    let r = wait_for(&mut agent, &receiver, "late", 1);
+    assert_eq!(
+        r[0].data,
+        serde_json::json!({"temperature": 7, "door": "open"})
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(flood);
+    let _ = flooding.join();
     assert!(agent.stop().success());
 }
