@@ -147,6 +147,30 @@ fn default_true() -> bool {
     true
 }
 
+/// `message` with a hint for the mistake behind it, if it is a common one. `at` is
+/// the text from the error's place on.
+fn with_hint(message: &str, at: &str) -> String {
+    // `[source.mqtt]` where `[[source.mqtt]]` was meant: serde sees a table where it
+    // wants a list, and says only that.
+    let header = at.lines().next().unwrap_or_default().trim_end();
+    if message.starts_with("invalid type: map, expected a sequence")
+        && header.starts_with('[')
+        && !header.starts_with("[[")
+    {
+        if let Some(name) = header
+            .strip_prefix('[')
+            .and_then(|h| h.split(']').next())
+            .map(str::trim)
+        {
+            return format!(
+                "`[{name}]` is a single table, but there can be several of these: write \
+                 `[[{name}]]`"
+            );
+        }
+    }
+    message.to_string()
+}
+
 /// A loaded config plus where it came from (for resolving relative paths).
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -196,10 +220,8 @@ impl Loaded {
             Ok(c) => c,
             Err(e) => {
                 let offset = e.span().map(|s| s.start).unwrap_or(0);
-                return (
-                    None,
-                    vec![Diagnostic::at(name, text, offset, e.message().to_string())],
-                );
+                let message = with_hint(e.message(), text.get(offset..).unwrap_or_default());
+                return (None, vec![Diagnostic::at(name, text, offset, message)]);
             }
         };
         let mut problems = validate(&config);
@@ -559,6 +581,25 @@ impl BackoffConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_single_bracket_source_or_sink_header_gets_a_hint_to_double_it() {
+        for header in ["[source.mqtt]", "[sink.http]", "[source.serial]"] {
+            let text = format!("[agent]\nid = \"a\"\n\n{header}\nname = \"x\"\n");
+            let problems = match Loaded::from_str("f.toml", &text, Path::new("f.toml")) {
+                Err(p) => p,
+                Ok(_) => panic!("{header} was accepted"),
+            };
+            let name = header.trim_matches(['[', ']']);
+            assert_eq!(
+                (problems[0].line, problems[0].message.as_str()),
+                (
+                    4,
+                    format!("`{header}` is a single table, but there can be several of these: write `[[{name}]]`").as_str()
+                )
+            );
+        }
+    }
 
     fn load(text: &str) -> Result<Loaded, Vec<Diagnostic>> {
         Loaded::from_str("ferry.toml", text, Path::new("/etc/ferry/ferry.toml"))
