@@ -537,6 +537,14 @@ mod tests {
             (9600, 8, Parity::None, 1)
         );
         assert_eq!(c.framing, Framing::Lines);
+        assert_eq!(
+            (
+                c.write.line_ending.bytes(),
+                c.write.queue,
+                c.write.max_age.0
+            ),
+            (&b"\n"[..], 64, Duration::from_secs(300))
+        );
         assert!(c.validate(0).is_empty(), "{:?}", c.validate(0));
         let t = c.device_template().unwrap();
         assert_eq!(
@@ -548,10 +556,12 @@ mod tests {
     #[test]
     fn impossible_line_settings_are_all_reported() {
         let c = cfg(
-            "name='a'\npath='/dev/x'\nformat='csv'\nbaud=0\ndata_bits=9\nstop_bits=3\nmax_frame=2",
+            "name='a'\npath='/dev/x'\nformat='csv'\nbaud=0\ndata_bits=9\nstop_bits=3\nmax_frame=2\n\
+             write={queue=0, max_age='0s', timeout='0s'}",
         );
         let msgs: Vec<String> = c.validate(0).into_iter().map(|p| p.message).collect();
-        // baud, data_bits, stop_bits, max_frame, and csv without field names
-        assert_eq!(msgs.len(), 5, "{msgs:#?}");
+        // baud, data_bits, stop_bits, max_frame, csv without field names, and the
+        // three write settings
+        assert_eq!(msgs.len(), 8, "{msgs:#?}");
     }
 }
