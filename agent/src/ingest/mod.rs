@@ -10,6 +10,7 @@
 //! that is the PUBACK, so the broker keeps anything the agent has not committed.
 
 pub mod line;
+pub mod modbus;
 pub mod mqtt;
 pub mod serial;
 pub mod simulator;
