@@ -6,8 +6,9 @@
 //!   field values (types, word order, scale and offset).
 //! - [`plan`]: which reads fetch a register map, merging touching ranges of one
 //!   function into as few requests as the Modbus limits allow.
-//! - [`schedule`]: which slave is due next on the half-duplex bus, and how a slave that
-//!   keeps timing out is polled less often until it answers again.
+//! - [`schedule`]: which slave is due next on the half-duplex bus, how a slave that
+//!   keeps timing out is polled less often until it answers again, and the silent
+//!   interval between frames.
 //!
 //! The bus task (open, reopen on unplug, requests with timeouts) is
 //! `crate::ingest::modbus`.
@@ -18,4 +19,4 @@ pub mod schedule;
 
 pub use plan::{Answer, Plan, Read};
 pub use registers::{DecodeError, Function, Register, RegisterConfig, RegisterProblem};
-pub use schedule::{Change, Failure, Schedule};
+pub use schedule::{frame_gap, Change, Failure, Schedule};

@@ -15,7 +15,7 @@
 //!   dead slave takes at most `timeout / (timeout + interval)` of the bus and the live
 //!   slaves get the rest. The first answer puts it back on its own interval.
 //! - A failure of the port itself ([`Failure::Io`]) says nothing about the slave: its
-//!   run of timeouts is neither extended nor ended.
+//!   run of timeouts is neither extended nor ended, and its health does not change.
 //!
 //! Health is tracked per slave so that the caller logs once per change (a slave starts
 //! failing, fails in a different way, answers again), not once per poll.
@@ -29,6 +29,18 @@ pub const SILENT_AFTER: u32 = 3;
 /// The longest interval the schedule uses, whatever the config says; it keeps every
 /// `Instant + interval` far from overflowing.
 pub const LONGEST: Duration = Duration::from_secs(24 * 3600);
+
+/// The silent interval that must pass between two frames on an RTU bus so every
+/// device sees where one ends: 3.5 character times of 11 bits (start, 8 data, parity
+/// or a second stop bit, stop), fixed at 1.75ms above 19200 baud by the Modbus serial
+/// line specification.
+pub fn frame_gap(baud: u32) -> Duration {
+    if baud > 19_200 {
+        Duration::from_micros(1750)
+    } else {
+        Duration::from_micros(38_500_000 / u64::from(baud.max(1)))
+    }
+}
 
 /// Why a poll failed; `reason()` is the metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +178,8 @@ impl Schedule {
                 s.failed_polls = 0;
                 change
             }
+            // The port's own log line covers it; the slave may be fine.
+            Err(Failure::Io) => None,
             Err(f) => {
                 s.failed_polls = s.failed_polls.saturating_add(1);
                 let change = (s.health != Health::Failing(f)).then_some(Change::Failing(f));
@@ -183,6 +197,14 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_frame_gap_is_three_and_a_half_characters_and_at_least_1750_microseconds() {
+        assert_eq!(frame_gap(9600), Duration::from_micros(4010));
+        assert_eq!(frame_gap(19_200), Duration::from_micros(2005));
+        assert_eq!(frame_gap(115_200), Duration::from_micros(1750));
+        assert!(frame_gap(0) > Duration::ZERO);
+    }
 
     #[test]
     fn every_slave_is_due_at_once_and_config_order_breaks_ties() {
@@ -270,15 +292,20 @@ mod tests {
     }
 
     #[test]
-    fn a_port_failure_neither_extends_nor_ends_a_run_of_timeouts() {
+    fn a_port_failure_neither_extends_nor_ends_a_run_of_timeouts_nor_changes_health() {
         let t0 = Instant::now();
         let mut s = Schedule::new([200 * MS], 60_000 * MS, t0);
         for k in 1..=3 {
             s.record(0, Err(Failure::Timeout), t0 + k * 1000 * MS);
         }
         let before = s.interval(0);
-        s.record(0, Err(Failure::Io), t0 + 4000 * MS);
+        assert_eq!(s.record(0, Err(Failure::Io), t0 + 4000 * MS), None);
         assert_eq!(s.interval(0), before);
+        assert_eq!(
+            s.record(0, Err(Failure::Timeout), t0 + 5000 * MS),
+            None,
+            "still the same run of timeouts"
+        );
     }
 
     #[test]
