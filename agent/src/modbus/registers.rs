@@ -76,6 +76,18 @@ impl ValueType {
         }
     }
 
+    /// For messages: "a u16", "an i16" (as they are read aloud).
+    fn with_article(self) -> &'static str {
+        match self {
+            ValueType::U16 => "a u16",
+            ValueType::I16 => "an i16",
+            ValueType::U32 => "a u32",
+            ValueType::I32 => "an i32",
+            ValueType::F32 => "an f32",
+            ValueType::Bool => "a bool",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             ValueType::U16 => "u16",
@@ -165,21 +177,26 @@ impl RegisterConfig {
         } else {
             ValueType::U16
         });
-        let f = self.function.name();
+        let table = match self.function {
+            Function::Holding => "a holding register",
+            Function::Input => "an input register",
+            Function::Coil => "a coil",
+            Function::Discrete => "a discrete input",
+        };
         match (bits, ty) {
             (true, ValueType::Bool) | (false, ValueType::U16 | ValueType::I16) => {}
             (false, ValueType::U32 | ValueType::I32 | ValueType::F32) => {}
             (true, other) => problem(
                 "type",
                 format!(
-                    "a {f} is one bit: its type can only be bool, not {}",
+                    "{table} is one bit: its type can only be bool, not {}",
                     other.name()
                 ),
             ),
             (false, ValueType::Bool) => problem(
                 "type",
                 format!(
-                    "bool is for coil and discrete; a {f} register is u16, i16, u32, i32 or f32"
+                    "bool is for coils and discrete inputs; {table} is u16, i16, u32, i32 or f32"
                 ),
             ),
         }
@@ -187,8 +204,8 @@ impl RegisterConfig {
         if !(0..=last).contains(&self.address) {
             let why = if ty.width() == 2 && self.address == 65_535 {
                 format!(
-                    "a {} takes two registers, so its address can be at most 65534",
-                    ty.name()
+                    "{} takes two registers, so its address can be at most 65534",
+                    ty.with_article()
                 )
             } else {
                 "Modbus addresses are 0 to 65535".to_string()
@@ -202,8 +219,8 @@ impl RegisterConfig {
             problem(
                 "word_order",
                 format!(
-                    "word_order is for 32-bit types (u32, i32, f32); a {} is one register",
-                    ty.name()
+                    "word_order is for 32-bit types (u32, i32, f32); {} is one register",
+                    ty.with_article()
                 ),
             );
         }
