@@ -19,6 +19,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::forward::console::ConsoleSinkConfig;
 use crate::forward::http::HttpSinkConfig;
+use crate::ingest::modbus::ModbusSourceConfig;
 use crate::ingest::mqtt::MqttSourceConfig;
 use crate::ingest::serial::SerialSourceConfig;
 use crate::ingest::simulator::SimulatorConfig;
@@ -71,7 +72,7 @@ pub struct AdminConfig {
     pub listen: std::net::SocketAddr,
 }
 
-/// `[[source.mqtt]]`, `[[source.serial]]`, `[[source.simulator]]`
+/// `[[source.mqtt]]`, `[[source.serial]]`, `[[source.modbus]]`, `[[source.simulator]]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourcesConfig {
@@ -79,6 +80,8 @@ pub struct SourcesConfig {
     pub mqtt: Vec<MqttSourceConfig>,
     #[serde(default)]
     pub serial: Vec<SerialSourceConfig>,
+    #[serde(default)]
+    pub modbus: Vec<ModbusSourceConfig>,
     #[serde(default)]
     pub simulator: Vec<SimulatorConfig>,
 }
@@ -366,6 +369,10 @@ fn validate(config: &Config) -> Vec<Problem> {
         check_name(&mut out, &mut sources, "source", "serial", i, &s.name);
         out.extend(s.validate(i));
     }
+    for (i, s) in config.source.modbus.iter().enumerate() {
+        check_name(&mut out, &mut sources, "source", "modbus", i, &s.name);
+        out.extend(s.validate(i));
+    }
     for (i, s) in config.source.simulator.iter().enumerate() {
         check_name(&mut out, &mut sources, "source", "simulator", i, &s.name);
         out.extend(s.validate(i));
@@ -373,7 +380,7 @@ fn validate(config: &Config) -> Vec<Problem> {
     if sources.is_empty() {
         out.push(problem!(
             ["source"],
-            "no sources configured: add a [[source.mqtt]], [[source.serial]] or [[source.simulator]]"
+            "no sources configured: add a [[source.mqtt]], [[source.serial]], [[source.modbus]] or [[source.simulator]]"
         ));
     }
 
@@ -655,6 +662,39 @@ url = "not a url"
         assert_eq!(errs[1].line, 8);
         assert!(errs[1].message.contains("duplicate"));
         assert_eq!(errs[2].line, 12);
+    }
+
+    #[test]
+    fn a_modbus_register_mistake_is_reported_at_its_own_line() {
+        let text = r#"[agent]
+id = "gw-1"
+
+[[source.modbus]]
+name = "plant"
+path = "/dev/ttyUSB0"
+
+[[source.modbus.slave]]
+id = 1
+
+[[source.modbus.slave.register]]
+field = "t"
+address = 0
+
+[[source.modbus.slave]]
+id = 2
+
+[[source.modbus.slave.register]]
+field = "energy"
+address = 65535
+type = "u32"
+
+[[sink.console]]
+name = "out"
+"#;
+        let errs = load(text).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!((errs[0].line, errs[0].col), (20, 11), "{}", errs[0]);
+        assert!(errs[0].message.contains("two registers"), "{}", errs[0]);
     }
 
     #[test]

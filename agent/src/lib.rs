@@ -6,10 +6,13 @@
 //!
 //! # Layout
 //! - [`config`]: the config file, its defaults and its validation.
-//! - [`ingest`]: sources (`mqtt`, `simulator`); each produces [`ingest::Input`]s that
-//!   carry an acknowledgement to run once the input is committed.
+//! - [`ingest`]: sources (`mqtt`, `serial`, `modbus`, `simulator`); each produces
+//!   [`ingest::Input`]s that carry an acknowledgement to run once the input is
+//!   committed.
 //! - [`decode`]: payload bytes to a [`decode::Reading`] (pure).
 //! - [`serial`]: serial framing and frame formats, the pure parts of serial ingest.
+//! - [`modbus`]: Modbus register maps, read plans and the polling schedule, the pure
+//!   parts of Modbus ingest.
 //! - [`rules`]: loads rule files into a `ferry_rules::RuleSet` and reloads them on
 //!   change or SIGHUP (evaluation is pure); [`replay`] is `ferry rules test`.
 //! - [`store`]: the durable, bounded, ordered buffer behind the [`store::Store`] trait.
@@ -25,6 +28,7 @@ pub mod config;
 pub mod decode;
 pub mod forward;
 pub mod ingest;
+pub mod modbus;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod replay;

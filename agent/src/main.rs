@@ -138,7 +138,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         summary = format!(
             "{}: ok ({} sources, {} sinks, {} rules)",
             path.display(),
-            c.source.mqtt.len() + c.source.serial.len() + c.source.simulator.len(),
+            c.source.mqtt.len()
+                + c.source.serial.len()
+                + c.source.modbus.len()
+                + c.source.simulator.len(),
             c.sink.names().len(),
             rules
         );

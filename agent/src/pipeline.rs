@@ -35,7 +35,7 @@ use crate::config::{BackoffConfig, Loaded};
 use crate::decode::{self, DecodeConfig, DecodeError, DeviceTemplate, Reading};
 use crate::forward::{self, console::ConsoleSink, http::HttpSink, Sink};
 use crate::ingest::serial::{QueuedLine, SerialSource};
-use crate::ingest::{mqtt::MqttSource, simulator, Input, Origin, Payload};
+use crate::ingest::{modbus::ModbusSource, mqtt::MqttSource, simulator, Input, Origin, Payload};
 use crate::ratelimit::RateLimit;
 use crate::store::{sled::SledStore, Record, Store, StoreError};
 
@@ -209,6 +209,13 @@ pub async fn run(
         };
         sources.spawn(source.run(tx.clone(), write_rx, stop_sources.clone()));
     }
+    for s in &cfg.source.modbus {
+        let source = ModbusSource {
+            origin: Origin::new(&agent_id, "modbus", &s.name, None),
+            cfg: s.clone(),
+        };
+        sources.spawn(source.run(tx.clone(), stop_sources.clone()));
+    }
     for s in &cfg.source.simulator {
         let origin = Origin::new(&agent_id, "simulator", &s.name, None);
         sources.spawn(simulator::run(
@@ -279,8 +286,10 @@ pub async fn run(
 fn source_uris(cfg: &crate::config::Config, agent: &str) -> HashMap<String, String> {
     let mqtt = cfg.source.mqtt.iter().map(|s| ("mqtt", &s.name));
     let serial = cfg.source.serial.iter().map(|s| ("serial", &s.name));
+    let modbus = cfg.source.modbus.iter().map(|s| ("modbus", &s.name));
     let sim = cfg.source.simulator.iter().map(|s| ("simulator", &s.name));
     mqtt.chain(serial)
+        .chain(modbus)
         .chain(sim)
         .map(|(kind, name)| (name.clone(), format!("/ferry/{agent}/{kind}/{name}")))
         .collect()

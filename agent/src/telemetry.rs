@@ -1,7 +1,9 @@
 //! Logs and metrics set-up.
 //!
 //! Logs go to stderr (stdout belongs to the console sink), as text or JSON lines,
-//! filtered by `RUST_LOG` (default `info`). Metrics are Prometheus counters served on
+//! filtered by `RUST_LOG` (default `info`, without tokio-modbus's own lines: it logs
+//! every byte it skips on a noisy bus, and the Modbus source already counts and logs
+//! those failures at a limited rate). Metrics are Prometheus counters served on
 //! the `[admin] listen` address; without it the counters cost next to nothing and no
 //! port is opened.
 
@@ -19,7 +21,8 @@ pub enum LogFormat {
 }
 
 pub fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,tokio_modbus=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -86,5 +89,13 @@ fn describe() {
     d!(
         "ferry_rule_errors_total",
         "Rule evaluation errors, by rule."
+    );
+    d!(
+        "ferry_modbus_polls_total",
+        "Modbus polls sent, by source and slave."
+    );
+    d!(
+        "ferry_modbus_errors_total",
+        "Modbus polls that failed and values left out, by source, slave and reason."
     );
 }

@@ -7,12 +7,18 @@
 //! - [`Agent`]: the real `ferry` binary as a child process, its config and rule files
 //!   in a temp dir, stopped with a real SIGTERM.
 //! - [`Metrics`]: a scrape of the agent's Prometheus endpoint.
+//! - [`Cable`]: a serial cable (a socat pty pair) that can be unplugged and replugged.
 //!
 //! Every wait is a poll loop with a generous deadline that fails the test with a
 //! message saying what was awaited and what was seen. Every helper kills its child
 //! processes on drop, and prints the child's log when the test is failing.
 
 #![allow(dead_code)]
+
+mod cable;
+// Only the serial-port tests use it; the others compile this module too.
+#[allow(unused_imports)]
+pub use cable::{Cable, Heard};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};

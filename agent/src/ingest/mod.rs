@@ -9,6 +9,8 @@
 //! committed (or counted as rejected), in the order the inputs arrived. For MQTT QoS 1
 //! that is the PUBACK, so the broker keeps anything the agent has not committed.
 
+pub mod line;
+pub mod modbus;
 pub mod mqtt;
 pub mod serial;
 pub mod simulator;

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_serial::SerialPortBuilderExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::line::{FlowControl, LineSettings, Parity};
 use super::{Input, Origin, Payload};
 use crate::backoff::Backoff;
 use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
@@ -153,24 +153,6 @@ impl QueuedLine {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Parity {
-    #[default]
-    None,
-    Even,
-    Odd,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FlowControl {
-    #[default]
-    None,
-    Software,
-    Hardware,
-}
-
 fn default_baud() -> u32 {
     9600
 }
@@ -200,6 +182,16 @@ fn default_reopen() -> BackoffConfig {
 }
 
 impl SerialSourceConfig {
+    fn line(&self) -> LineSettings {
+        LineSettings {
+            baud: self.baud,
+            data_bits: self.data_bits,
+            parity: self.parity,
+            stop_bits: self.stop_bits,
+            flow_control: self.flow_control,
+        }
+    }
+
     fn format_config(&self) -> FormatConfig {
         FormatConfig {
             format: self.format,
@@ -214,24 +206,10 @@ impl SerialSourceConfig {
     pub fn validate(&self, i: usize) -> Vec<Problem> {
         let mut out = Vec::new();
         let n = &self.name;
-        if self.baud == 0 {
-            out.push(problem!(
-                ["source", "serial", i, "baud"],
-                "source {n:?}: baud must be more than 0"
-            ));
-        }
-        if !(5..=8).contains(&self.data_bits) {
-            out.push(problem!(
-                ["source", "serial", i, "data_bits"],
-                "source {n:?}: data_bits must be 5, 6, 7 or 8"
-            ));
-        }
-        if !(1..=2).contains(&self.stop_bits) {
-            out.push(problem!(
-                ["source", "serial", i, "stop_bits"],
-                "source {n:?}: stop_bits must be 1 or 2"
-            ));
-        }
+        out.extend(
+            self.line()
+                .validate(&["source".into(), "serial".into(), i.into()], n),
+        );
         if !(16..=1024 * 1024).contains(&self.max_frame.0) {
             out.push(problem!(
                 ["source", "serial", i, "max_frame"],
@@ -327,29 +305,7 @@ impl SerialSource {
         // A line taken from the queue whose write failed: written first on reopen.
         let mut unwritten: Option<QueuedLine> = None;
         loop {
-            let opened = tokio_serial::new(&path, self.cfg.baud)
-                .data_bits(match self.cfg.data_bits {
-                    5 => tokio_serial::DataBits::Five,
-                    6 => tokio_serial::DataBits::Six,
-                    7 => tokio_serial::DataBits::Seven,
-                    _ => tokio_serial::DataBits::Eight,
-                })
-                .parity(match self.cfg.parity {
-                    Parity::None => tokio_serial::Parity::None,
-                    Parity::Even => tokio_serial::Parity::Even,
-                    Parity::Odd => tokio_serial::Parity::Odd,
-                })
-                .stop_bits(if self.cfg.stop_bits == 2 {
-                    tokio_serial::StopBits::Two
-                } else {
-                    tokio_serial::StopBits::One
-                })
-                .flow_control(match self.cfg.flow_control {
-                    FlowControl::None => tokio_serial::FlowControl::None,
-                    FlowControl::Software => tokio_serial::FlowControl::Software,
-                    FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
-                })
-                .open_native_async();
+            let opened = self.cfg.line().open(&self.cfg.path);
             match opened {
                 Ok(port) => {
                     info!(source = %name, %path, "serial port open");
