@@ -690,11 +690,11 @@ impl AsyncWrite for Line {
         r
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.port).poll_flush(cx);
-        this.note(&r);
-        r
+    fn poll_flush(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        // Nothing of ours to flush: written bytes are in the kernel's queue. The
+        // port's own flush is a blocking tcdrain, which would hold a runtime thread
+        // for the whole transmission, or forever on a wedged adapter.
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {

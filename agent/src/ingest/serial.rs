@@ -453,10 +453,9 @@ impl Session<'_> {
         let mut bytes = Vec::with_capacity(queued.line.len() + 2);
         bytes.extend_from_slice(queued.line.as_bytes());
         bytes.extend_from_slice(self.write.line_ending.bytes());
-        let written = async {
-            writer.write_all(&bytes).await?;
-            writer.flush().await
-        };
+        // No flush: the port has no buffer of ours, and tokio-serial's flush is a
+        // blocking tcdrain that a wedged adapter could hold forever on a runtime thread.
+        let written = writer.write_all(&bytes);
         match tokio::time::timeout(self.write.timeout.0, written).await {
             Ok(Ok(())) => {
                 metrics::counter!("ferry_actions_sent_total", "rule" => queued.rule.clone())
