@@ -310,16 +310,23 @@ impl SerialSource {
                 Ok(port) => {
                     info!(source = %name, %path, "serial port open");
                     absent_reported = false;
-                    backoff.reset();
                     framer.reset();
+                    let mut worked = false;
                     let io = Io {
                         framer: &mut framer,
                         tx: &tx,
                         writes: &mut writes,
                         unwritten: &mut unwritten,
                         log_limit: &mut log_limit,
+                        worked: &mut worked,
                     };
-                    match ctx.serve(port, io, &cancel).await {
+                    let ended = ctx.serve(port, io, &cancel).await;
+                    if worked {
+                        // Only a port that carried data earns a fresh backoff: one that
+                        // opens and fails at once keeps backing off instead of looping.
+                        backoff.reset();
+                    }
+                    match ended {
                         Ended::Cancelled => return,
                         Ended::Lost(why) => {
                             warn!(source = %name, %path, reason = %why, "serial port lost; reopening with backoff")
@@ -357,6 +364,8 @@ struct Io<'a> {
     writes: &'a mut mpsc::Receiver<QueuedLine>,
     unwritten: &'a mut Option<QueuedLine>,
     log_limit: &'a mut RateLimit,
+    /// Set once a byte was read or a line written in this session.
+    worked: &'a mut bool,
 }
 
 impl Session<'_> {
@@ -373,6 +382,7 @@ impl Session<'_> {
             writes,
             unwritten,
             log_limit,
+            worked,
         } = io;
         let (mut reader, mut writer) = tokio::io::split(port);
         let mut buf = [0u8; 1024];
@@ -385,6 +395,7 @@ impl Session<'_> {
                     *unwritten = Some(queued);
                     return Ended::Lost(why);
                 }
+                *worked = true;
             }
             let n = tokio::select! {
                 _ = cancel.cancelled() => return Ended::Cancelled,
@@ -397,7 +408,10 @@ impl Session<'_> {
                 }
                 r = reader.read(&mut buf) => match r {
                     Ok(0) => return Ended::Lost("end of stream".to_string()),
-                    Ok(n) => n,
+                    Ok(n) => {
+                        *worked = true;
+                        n
+                    }
                     Err(e) => return Ended::Lost(e.to_string()),
                 },
             };
