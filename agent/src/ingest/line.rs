@@ -1,5 +1,6 @@
 //! Serial line settings shared by the sources that own a serial port (`serial` and
-//! `modbus`): the settings' types, their checks, and opening a port with them.
+//! `modbus`): the settings' types, their checks, opening a port with them, and
+//! [`Keeper`], which reopens a port that is absent or lost.
 //!
 //! Each source keeps the fields in its own config table (with its own defaults: a
 //! Modbus bus defaults to the Modbus serial line specification's 19200 8E1) and
@@ -9,8 +10,11 @@ use std::path::Path;
 
 use serde::Deserialize;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
-use crate::config::{PathSeg, Problem};
+use crate::backoff::Backoff;
+use crate::config::{BackoffConfig, PathSeg, Problem};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -92,6 +96,82 @@ impl LineSettings {
                 FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
             })
             .open_native_async()
+    }
+}
+
+/// Keeps one source's port open: opens it, and after a failed open or a lost port
+/// waits with jittered backoff before the next try. An outage is logged once, when
+/// it starts, not at every retry.
+pub struct Keeper<'a> {
+    /// `serial` or `modbus`, for the log lines.
+    pub kind: &'static str,
+    pub source: &'a str,
+    pub path: &'a Path,
+    pub line: LineSettings,
+    backoff: Backoff,
+    /// The current outage has been logged.
+    reported: bool,
+}
+
+impl<'a> Keeper<'a> {
+    pub fn new(
+        kind: &'static str,
+        source: &'a str,
+        path: &'a Path,
+        line: LineSettings,
+        reopen: BackoffConfig,
+    ) -> Self {
+        Self {
+            kind,
+            source,
+            path,
+            line,
+            backoff: Backoff::new(reopen),
+            reported: false,
+        }
+    }
+
+    /// The open port, once it opens; `None` if `cancel` comes first.
+    pub async fn open(&mut self, cancel: &CancellationToken) -> Option<SerialStream> {
+        let (source, path, kind) = (self.source, self.path.display(), self.kind);
+        loop {
+            match self.line.open(self.path) {
+                Ok(port) => {
+                    self.reported = false;
+                    return Some(port);
+                }
+                Err(error) if !self.reported => {
+                    warn!(%source, %path, %error, "cannot open {kind} port; retrying with backoff");
+                    self.reported = true;
+                }
+                Err(error) => debug!(%source, %path, %error, "{kind} port still absent"),
+            }
+            if !self.pause(cancel).await {
+                return None;
+            }
+        }
+    }
+
+    /// The port carried data: the next outage starts again from the shortest delay.
+    /// (Not on every open: a port that opens and fails at once keeps backing off.)
+    pub fn worked(&mut self) {
+        self.backoff.reset();
+    }
+
+    /// The open port failed: logs it (which also covers the failed reopens that
+    /// follow) and waits before the next open. `false` if `cancel` came first.
+    pub async fn lost(&mut self, why: &str, cancel: &CancellationToken) -> bool {
+        let (source, path, kind) = (self.source, self.path.display(), self.kind);
+        warn!(%source, %path, reason = %why, "{kind} port lost; reopening with backoff");
+        self.reported = true;
+        self.pause(cancel).await
+    }
+
+    async fn pause(&mut self, cancel: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(self.backoff.next_delay()) => true,
+        }
     }
 }
 

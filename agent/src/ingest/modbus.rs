@@ -47,9 +47,8 @@ use tokio_serial::{ClearBuffer, SerialPort, SerialStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::line::{FlowControl, LineSettings, Parity};
+use super::line::{FlowControl, Keeper, LineSettings, Parity};
 use super::{Input, Origin, Payload};
-use crate::backoff::Backoff;
 use crate::config::{problem, BackoffConfig, Dur, Problem};
 use crate::modbus::schedule::LONGEST;
 use crate::modbus::{
@@ -319,48 +318,33 @@ impl ModbusSource {
             tx: &tx,
             cancel: &cancel,
         };
-        let line = self.cfg.line();
-        let mut backoff = Backoff::new(self.cfg.reopen);
-        let mut absent_reported = false;
+        let mut keeper = Keeper::new(
+            "modbus",
+            &name,
+            &self.cfg.path,
+            self.cfg.line(),
+            self.cfg.reopen,
+        );
         let mut quiet_reopen = false;
-        loop {
-            match line.open(&self.cfg.path) {
-                Ok(port) => {
-                    if quiet_reopen {
-                        debug!(source = %name, %path, "modbus port reopened after a garbled answer");
-                    } else {
-                        info!(source = %name, %path, slaves = slaves.len(), "modbus port open");
-                    }
-                    absent_reported = false;
-                    quiet_reopen = false;
-                    let (ended, answered) = bus.session(port).await;
-                    if answered {
-                        // Only a port that worked earns a fresh backoff: one that opens
-                        // and fails at once keeps backing off instead of looping.
-                        backoff.reset();
-                    }
-                    match ended {
-                        Ended::Cancelled => return,
-                        Ended::Garbled => {
-                            quiet_reopen = true;
-                            continue;
-                        }
-                        Ended::Lost(why) => {
-                            warn!(source = %name, %path, reason = %why, "modbus port lost; reopening with backoff");
-                            // This says the port is away; failed reopens need no line of their own.
-                            absent_reported = true;
-                        }
-                    }
-                }
-                Err(error) if !absent_reported => {
-                    warn!(source = %name, %path, %error, "cannot open modbus port; retrying with backoff");
-                    absent_reported = true;
-                }
-                Err(error) => debug!(source = %name, %path, %error, "modbus port still absent"),
+        while let Some(port) = keeper.open(&cancel).await {
+            if quiet_reopen {
+                debug!(source = %name, %path, "modbus port reopened after a garbled answer");
+            } else {
+                info!(source = %name, %path, slaves = slaves.len(), "modbus port open");
             }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            quiet_reopen = false;
+            let (ended, answered) = bus.session(port).await;
+            if answered {
+                keeper.worked();
+            }
+            match ended {
+                Ended::Cancelled => return,
+                Ended::Garbled => quiet_reopen = true,
+                Ended::Lost(why) => {
+                    if !keeper.lost(&why, &cancel).await {
+                        return;
+                    }
+                }
             }
         }
     }

@@ -22,9 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::line::{FlowControl, LineSettings, Parity};
+use super::line::{FlowControl, Keeper, LineSettings, Parity};
 use super::{Input, Origin, Payload};
-use crate::backoff::Backoff;
 use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::decode::{take_time, DeviceTemplate};
 use crate::ratelimit::RateLimit;
@@ -291,8 +290,6 @@ impl SerialSource {
             self.cfg.length_bytes,
             self.cfg.max_frame.0 as usize,
         );
-        let mut backoff = Backoff::new(self.cfg.reopen);
-        let mut absent_reported = false;
         let mut log_limit = RateLimit::new(10, Duration::from_secs(60));
         let ctx = Session {
             name: &name,
@@ -304,44 +301,36 @@ impl SerialSource {
         };
         // A line taken from the queue whose write failed: written first on reopen.
         let mut unwritten: Option<QueuedLine> = None;
-        loop {
-            let opened = self.cfg.line().open(&self.cfg.path);
-            match opened {
-                Ok(port) => {
-                    info!(source = %name, %path, "serial port open");
-                    absent_reported = false;
-                    framer.reset();
-                    let mut worked = false;
-                    let io = Io {
-                        framer: &mut framer,
-                        tx: &tx,
-                        writes: &mut writes,
-                        unwritten: &mut unwritten,
-                        log_limit: &mut log_limit,
-                        worked: &mut worked,
-                    };
-                    let ended = ctx.serve(port, io, &cancel).await;
-                    if worked {
-                        // Only a port that carried data earns a fresh backoff: one that
-                        // opens and fails at once keeps backing off instead of looping.
-                        backoff.reset();
-                    }
-                    match ended {
-                        Ended::Cancelled => return,
-                        Ended::Lost(why) => {
-                            warn!(source = %name, %path, reason = %why, "serial port lost; reopening with backoff")
-                        }
-                    }
-                }
-                Err(error) if !absent_reported => {
-                    warn!(source = %name, %path, %error, "cannot open serial port; retrying with backoff");
-                    absent_reported = true;
-                }
-                Err(error) => debug!(source = %name, %path, %error, "serial port still absent"),
+        let mut keeper = Keeper::new(
+            "serial",
+            &name,
+            &self.cfg.path,
+            self.cfg.line(),
+            self.cfg.reopen,
+        );
+        while let Some(port) = keeper.open(&cancel).await {
+            info!(source = %name, %path, "serial port open");
+            framer.reset();
+            let mut worked = false;
+            let io = Io {
+                framer: &mut framer,
+                tx: &tx,
+                writes: &mut writes,
+                unwritten: &mut unwritten,
+                log_limit: &mut log_limit,
+                worked: &mut worked,
+            };
+            let ended = ctx.serve(port, io, &cancel).await;
+            if worked {
+                keeper.worked();
             }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            match ended {
+                Ended::Cancelled => return,
+                Ended::Lost(why) => {
+                    if !keeper.lost(&why, &cancel).await {
+                        return;
+                    }
+                }
             }
         }
     }
