@@ -96,6 +96,18 @@ fn a_saved_rule_file_takes_effect_and_a_broken_one_keeps_the_running_rules() {
         Some("oven-3"),
         "the running rules stayed"
     );
+    // Reading the files for a reload is not a change: nothing reloads by itself
+    // afterwards (several debounce windows pass here).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let m = agent.metrics();
+    for result in ["ok", "failed"] {
+        assert_eq!(
+            m.value("ferry_rules_reloads_total", &[("result", result)]),
+            1.0,
+            "{}",
+            m.ferry_lines()
+        );
+    }
     assert!(agent.stop().success());
 }
 

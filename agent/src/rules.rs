@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_rules::{CheckOptions, Diagnostic, RuleSet, SourceFile};
-use notify_debouncer_full::notify::RecursiveMode;
+use notify_debouncer_full::notify::{EventKind, RecursiveMode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -79,7 +79,14 @@ pub async fn watch(
         Duration::from_millis(300),
         None,
         move |result: notify_debouncer_full::DebounceEventResult| {
-            if result.is_ok() {
+            // Only changes count: reading the files for a reload is an access event
+            // too, and reloading on it would reload forever.
+            let changed = result.is_ok_and(|events| {
+                events
+                    .iter()
+                    .any(|e| !matches!(e.kind, EventKind::Access(_) | EventKind::Other))
+            });
+            if changed {
                 let _ = fs_trigger.try_send("file change");
             }
         },
