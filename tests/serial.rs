@@ -406,3 +406,70 @@ fn a_port_absent_at_start_and_a_port_flooding_garbage_delay_neither_other_ports_
     let _ = flooding.join();
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_fresh_command_displaces_stale_ones_queued_while_the_port_was_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let tank = Cable::plug(dir.path(), "tank");
+    let mut valves = Cable::plug(dir.path(), "valves");
+    let receiver = Receiver::start();
+    let config = config_with(
+        &receiver,
+        free_port(),
+        &[
+            (
+                "tank",
+                &tank.port(),
+                "format = \"csv\"\nfields = [\"id\", \"level\"]\ndevice = \"{payload.id}\"",
+            ),
+            (
+                "valves",
+                &valves.port(),
+                "format = \"kv\"\nwrite = { queue = 2, max_age = \"3s\" }",
+            ),
+        ],
+    );
+    let rules = r#"
+[[rule]]
+id = "tank-full"
+when = "level > 90"
+action.serial_write = { port = "valves", line = "CLOSE {device}" }
+"#;
+    let mut agent = Agent::start(&config, &[("valves.toml", rules)]);
+    wait_until_open(&mut agent, 2);
+    valves.unplug();
+    agent.eventually("the agent to notice the unplug", |a| {
+        if a.stderr_contains("serial port lost") {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    });
+
+    // Two commands wait until they are stale; a third finds the queue full.
+    tank.send(b"tank-1,95\ntank-2,95\n");
+    wait_for(&mut agent, &receiver, "tank-2", 1);
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    tank.send(b"tank-3,95\n");
+    wait_for(&mut agent, &receiver, "tank-3", 1);
+    valves.replug();
+    let heard = valves.listen();
+    agent.eventually("the fresh command after the replug", |_| {
+        let text = heard.text();
+        if text == "CLOSE tank-3\n" {
+            Ok(())
+        } else {
+            Err(format!("heard {text:?}"))
+        }
+    });
+    let m = agent.metrics();
+    for reason in ["queue_full", "expired"] {
+        assert_eq!(
+            m.value("ferry_actions_dropped_total", &[("reason", reason)]),
+            1.0,
+            "{reason}: {}",
+            m.ferry_lines()
+        );
+    }
+    assert!(agent.stop().success());
+}

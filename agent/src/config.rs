@@ -8,7 +8,7 @@
 //! Loading reports every semantic error at once, each with `file:line:col` found
 //! by walking the TOML document's spans, so an installer fixes a file in one pass.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -373,6 +373,36 @@ fn validate(config: &Config) -> Vec<Problem> {
         check_name(&mut out, &mut sources, "source", "modbus", i, &s.name);
         out.extend(s.validate(i));
     }
+    // Two sources on one port: the second open fails at run time (the first holds
+    // an exclusive lock), and the log would not say who holds it.
+    let mut ports: HashMap<&Path, &str> = HashMap::new();
+    let serial = config
+        .source
+        .serial
+        .iter()
+        .map(|s| ("serial", &s.name, &s.path));
+    let modbus = config
+        .source
+        .modbus
+        .iter()
+        .map(|s| ("modbus", &s.name, &s.path));
+    for (kind, i, name, path) in serial
+        .enumerate()
+        .chain(modbus.enumerate())
+        .map(|(i, (kind, name, path))| (kind, i, name, path))
+    {
+        match ports.entry(path.as_path()) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(name);
+            }
+            std::collections::hash_map::Entry::Occupied(e) => out.push(problem!(
+                ["source", kind, i, "path"],
+                "source {name:?}: port {} is already used by source {:?}; one port, one source",
+                path.display(),
+                e.get()
+            )),
+        }
+    }
     for (i, s) in config.source.simulator.iter().enumerate() {
         check_name(&mut out, &mut sources, "source", "simulator", i, &s.name);
         out.extend(s.validate(i));
@@ -588,6 +618,53 @@ impl BackoffConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_sources_on_one_port_and_a_topic_in_a_serial_device_id_are_refused() {
+        let text = r#"
+[agent]
+id = "a"
+
+[[source.serial]]
+name = "gps"
+path = "/dev/ttyUSB0"
+format = "nmea"
+device = "{topic.1}"
+
+[[source.modbus]]
+name = "meters"
+path = "/dev/ttyUSB0"
+[[source.modbus.slave]]
+id = 1
+[[source.modbus.slave.register]]
+field = "v"
+address = 0
+
+[[sink.console]]
+name = "out"
+"#;
+        let problems = match Loaded::from_str("f.toml", text, Path::new("f.toml")) {
+            Err(p) => p,
+            Ok(_) => panic!("accepted"),
+        };
+        let found: Vec<(usize, &str)> = problems
+            .iter()
+            .map(|p| (p.line, p.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    9,
+                    "source \"gps\": a serial frame has no topic: use literal text or {payload.field}"
+                ),
+                (
+                    13,
+                    "source \"meters\": port /dev/ttyUSB0 is already used by source \"gps\"; one port, one source"
+                ),
+            ]
+        );
+    }
 
     #[test]
     fn a_single_bracket_source_or_sink_header_gets_a_hint_to_double_it() {

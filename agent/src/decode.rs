@@ -107,6 +107,12 @@ enum Part {
 }
 
 impl DeviceTemplate {
+    /// Whether it takes part of the id from an MQTT topic (`{topic.N}`), which only
+    /// MQTT readings have.
+    pub fn uses_topic(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Topic(_)))
+    }
+
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut parts = Vec::new();
         let mut rest = s;

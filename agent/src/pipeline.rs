@@ -34,7 +34,7 @@ use crate::backoff::Backoff;
 use crate::config::{BackoffConfig, Loaded};
 use crate::decode::{self, DecodeConfig, DecodeError, DeviceTemplate, Reading};
 use crate::forward::{self, console::ConsoleSink, http::HttpSink, Sink};
-use crate::ingest::serial::{QueuedLine, SerialSource};
+use crate::ingest::serial::{SerialSource, WriteQueue};
 use crate::ingest::{modbus::ModbusSource, mqtt::MqttSource, simulator, Input, Origin, Payload};
 use crate::ratelimit::RateLimit;
 use crate::store::{sled::SledStore, Record, Store, StoreError};
@@ -201,13 +201,13 @@ pub async fn run(
     }
     let mut serial_writes = HashMap::new();
     for s in &cfg.source.serial {
-        let (write_tx, write_rx) = mpsc::channel(s.write.queue);
-        serial_writes.insert(s.name.clone(), write_tx);
+        let writes = WriteQueue::new(&s.name, &s.write);
+        serial_writes.insert(s.name.clone(), Arc::clone(&writes));
         let source = SerialSource {
             origin: Origin::new(&agent_id, "serial", &s.name, None),
             cfg: s.clone(),
         };
-        sources.spawn(source.run(tx.clone(), write_rx, stop_sources.clone()));
+        sources.spawn(source.run(tx.clone(), writes, stop_sources.clone()));
     }
     for s in &cfg.source.modbus {
         let source = ModbusSource {
@@ -297,12 +297,12 @@ fn source_uris(cfg: &crate::config::Config, agent: &str) -> HashMap<String, Stri
 
 /// Where rule actions go: the MQTT connection that carries publishes, and each serial
 /// port's write queue. Handing over never waits, so an actuator that is away cannot
-/// stall the commit task; a full queue drops the action (counted by `reason`).
+/// stall the commit task; what does not fit is dropped and counted by `reason`.
 struct Actuators {
     /// `None` when no MQTT source carries publishes.
     mqtt: Option<mpsc::Sender<Action>>,
     /// By serial source name.
-    serial: HashMap<String, mpsc::Sender<QueuedLine>>,
+    serial: HashMap<String, Arc<WriteQueue>>,
 }
 
 impl Actuators {
@@ -314,12 +314,13 @@ impl Actuators {
                 Some(tx) => tx.try_send(action).map_err(|_| "queue_full"),
             },
             Action::SerialWrite { rule, port, line } => match self.serial.get(&port) {
-                // The rule check knows the serial sources, so only a port whose task
-                // has ended (shutdown) gets here.
+                // The rule check knows the serial sources: not reached.
                 None => Err("no_serial_port"),
-                Some(tx) => tx
-                    .try_send(QueuedLine::new(rule, line))
-                    .map_err(|_| "queue_full"),
+                // Never refused: a full queue drops its oldest line (and counts it).
+                Some(queue) => {
+                    queue.push(rule, line);
+                    Ok(())
+                }
             },
         }
     }

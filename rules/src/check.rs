@@ -532,14 +532,24 @@ fn serial_write(
         ("clear_line", def.clear_line.as_ref()),
     ] {
         let Some(line) = line else { continue };
-        if line.get_ref().contains(['\r', '\n', '\0']) {
-            errors.push((
-                line.span().start,
+        let text = line.get_ref();
+        let message = if text.is_empty() {
+            Some(format!("`action.serial_write.{key}` is empty"))
+        } else if text.contains(['\r', '\n', '\0']) {
+            Some(format!(
+                "`action.serial_write.{key}` is one line: no line break or NUL (the port's \
+                 line ending is added)"
+            ))
+        } else {
+            unknown_placeholder(text).map(|name| {
                 format!(
-                    "`action.serial_write.{key}` is one line: no line break or NUL (the \
-                     port's line ending is added)"
-                ),
-            ));
+                    "`action.serial_write.{key}`: unknown placeholder `{{{name}}}`; the \
+                     placeholders are `{{device}}` and `{{rule}}`"
+                )
+            })
+        };
+        if let Some(message) = message {
+            errors.push((line.span().start, message));
         }
     }
     if let (Some(clear), Some(why)) = (&def.clear_line, no_clear) {
@@ -616,6 +626,26 @@ fn publish(
     };
     canon.add("action.mqtt_publish", Some(&publish));
     (errors.len() == before).then_some(publish)
+}
+
+/// The first `{name}` in `text` that looks like a placeholder (a name of letters,
+/// digits, `_` and `.` in braces) but is not `{device}` or `{rule}`: a typo that
+/// would otherwise go to the device as written. Other braces (JSON, say) are text.
+fn unknown_placeholder(text: &str) -> Option<&str> {
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let name_len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+            .unwrap_or(after.len());
+        let name = &after[..name_len];
+        let closed = after[name_len..].starts_with('}');
+        if closed && !name.is_empty() && name != "device" && name != "rule" {
+            return Some(name);
+        }
+        rest = after;
+    }
+    None
 }
 
 /// Checks a topic to publish to: no wildcards, no NUL, placeholders only `{device}`
@@ -1247,6 +1277,18 @@ action = {}
             panic!("{:?}", places(rules));
         };
         assert!(rules[0].summary.ends_with("; writes to serial port valves"));
+    }
+
+    #[test]
+    fn a_misspelt_placeholder_is_found_but_json_braces_are_text() {
+        assert_eq!(unknown_placeholder("CLOSE {devce}"), Some("devce"));
+        assert_eq!(unknown_placeholder("{device} by {rule}"), None);
+        assert_eq!(
+            unknown_placeholder(r#"{"valve": "{device}", "open": true}"#),
+            None
+        );
+        assert_eq!(unknown_placeholder("{payload.id}"), Some("payload.id"));
+        assert_eq!(unknown_placeholder("{ unclosed"), None);
     }
 
     #[test]

@@ -101,7 +101,8 @@ impl LineSettings {
 
 /// Keeps one source's port open: opens it, and after a failed open or a lost port
 /// waits with jittered backoff before the next try. An outage is logged once, when
-/// it starts, not at every retry.
+/// it starts, not at every retry; so is a port that keeps opening and failing at
+/// once (an adapter that accepts the open but never moves a byte).
 pub struct Keeper<'a> {
     /// `serial` or `modbus`, for the log lines.
     pub kind: &'static str,
@@ -111,6 +112,11 @@ pub struct Keeper<'a> {
     backoff: Backoff,
     /// The current outage has been logged.
     reported: bool,
+    /// The current session carried data ([`Keeper::worked`]).
+    session_worked: bool,
+    /// The last session was lost without carrying anything and the port opened
+    /// again at once: a loop, already logged, that is not news until it ends.
+    flapping: bool,
 }
 
 impl<'a> Keeper<'a> {
@@ -128,6 +134,8 @@ impl<'a> Keeper<'a> {
             line,
             backoff: Backoff::new(reopen),
             reported: false,
+            session_worked: false,
+            flapping: false,
         }
     }
 
@@ -138,13 +146,25 @@ impl<'a> Keeper<'a> {
             match self.line.open(self.path) {
                 Ok(port) => {
                     self.reported = false;
+                    self.session_worked = false;
                     return Some(port);
                 }
-                Err(error) if !self.reported => {
-                    warn!(%source, %path, %error, "cannot open {kind} port; retrying with backoff");
-                    self.reported = true;
+                Err(error) => {
+                    // Really absent: when it opens again, that is news.
+                    self.flapping = false;
+                    let hint = match error.kind {
+                        tokio_serial::ErrorKind::Io(std::io::ErrorKind::PermissionDenied) => {
+                            "; the agent's user needs the port's group (usually dialout)"
+                        }
+                        _ => "",
+                    };
+                    if self.reported {
+                        debug!(%source, %path, %error, "{kind} port still absent");
+                    } else {
+                        warn!(%source, %path, %error, "cannot open {kind} port; retrying with backoff{hint}");
+                        self.reported = true;
+                    }
                 }
-                Err(error) => debug!(%source, %path, %error, "{kind} port still absent"),
             }
             if !self.pause(cancel).await {
                 return None;
@@ -152,17 +172,30 @@ impl<'a> Keeper<'a> {
         }
     }
 
+    /// Whether opening the port now is not worth an info line: it is part of a
+    /// loop of opens and immediate losses that was logged when it started.
+    pub fn quiet(&self) -> bool {
+        self.flapping
+    }
+
     /// The port carried data: the next outage starts again from the shortest delay.
     /// (Not on every open: a port that opens and fails at once keeps backing off.)
     pub fn worked(&mut self) {
         self.backoff.reset();
+        self.session_worked = true;
+        self.flapping = false;
     }
 
     /// The open port failed: logs it (which also covers the failed reopens that
     /// follow) and waits before the next open. `false` if `cancel` came first.
     pub async fn lost(&mut self, why: &str, cancel: &CancellationToken) -> bool {
         let (source, path, kind) = (self.source, self.path.display(), self.kind);
-        warn!(%source, %path, reason = %why, "{kind} port lost; reopening with backoff");
+        if self.flapping {
+            debug!(%source, %path, reason = %why, "{kind} port lost again");
+        } else {
+            warn!(%source, %path, reason = %why, "{kind} port lost; reopening with backoff");
+        }
+        self.flapping = !self.session_worked;
         self.reported = true;
         self.pause(cancel).await
     }

@@ -7,18 +7,20 @@
 //! Each port runs in its own task, so a port that is absent, stalls or floods garbage
 //! delays nothing else.
 //!
-//! The same task writes rule actions (`action.serial_write`) to the port: lines wait
-//! in a bounded queue while the port is away and go out, oldest first, once it is
-//! back; a line older than `write.max_age` is dropped instead (a stale actuator
-//! command can do harm), and so is one that finds the queue full. Both are counted.
+//! The same task writes rule actions (`action.serial_write`) to the port, from a
+//! [`WriteQueue`] the commit task fills without waiting: lines wait there while the
+//! port is away and go out, oldest first, once it is back. A full queue lets its
+//! oldest line go to make room, and a line older than `write.max_age` is dropped
+//! instead of written (for an actuator the newest command matters, and a stale one
+//! can do harm); both are counted.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -27,7 +29,7 @@ use super::{Input, Origin, Payload};
 use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::decode::{take_time, DeviceTemplate};
 use crate::ratelimit::RateLimit;
-use crate::serial::{Format, FormatConfig, Framer, Framing, LengthBytes};
+use crate::serial::{Format, FormatConfig, Framer, Framing, LengthBytes, LineQueue, QueuedLine};
 
 /// `[[source.serial]]`
 #[derive(Debug, Clone, Deserialize)]
@@ -132,23 +134,63 @@ impl LineEnding {
     }
 }
 
-/// A line a rule action wants written, waiting for the port.
+/// A port's write queue, shared by the commit task (which adds lines) and the port's
+/// task (which writes them).
 #[derive(Debug)]
-pub struct QueuedLine {
-    /// The rule that decided it, for metrics and logs.
-    pub rule: String,
-    /// Without line ending.
-    pub line: String,
-    pub queued: Instant,
+pub struct WriteQueue {
+    source: String,
+    lines: Mutex<LineQueue>,
+    /// Wakes the port's task when a line is added.
+    added: Notify,
 }
 
-impl QueuedLine {
-    pub fn new(rule: String, line: String) -> Self {
-        Self {
-            rule,
-            line,
-            queued: Instant::now(),
+impl WriteQueue {
+    pub fn new(source: &str, cfg: &WriteConfig) -> Arc<Self> {
+        Arc::new(Self {
+            source: source.to_string(),
+            lines: Mutex::new(LineQueue::new(cfg.queue, cfg.max_age.0)),
+            added: Notify::new(),
+        })
+    }
+
+    /// Queues a line for the port, never waiting. A full queue drops its oldest line.
+    pub fn push(&self, rule: String, line: String) {
+        let displaced = self.with_lines(|q| q.push(QueuedLine::new(rule, line, Instant::now())));
+        if let Some(old) = displaced {
+            self.dropped(&old, "queue_full");
         }
+        self.added.notify_one();
+    }
+
+    /// The next line to write, dropping (and counting) the ones that waited too long.
+    fn pop(&self) -> Option<QueuedLine> {
+        let mut expired = Vec::new();
+        let next = self.with_lines(|q| q.pop(Instant::now(), &mut expired));
+        for old in &expired {
+            self.dropped(old, "expired");
+        }
+        next
+    }
+
+    /// Puts back a line that could not be written, to go first.
+    fn requeue(&self, line: QueuedLine) {
+        if let Some(old) = self.with_lines(|q| q.requeue(line)) {
+            self.dropped(&old, "queue_full");
+        }
+    }
+
+    fn with_lines<T>(&self, f: impl FnOnce(&mut LineQueue) -> T) -> T {
+        // A panic while holding the lock cannot leave the queue half-changed (each
+        // operation is one VecDeque call), so a poisoned lock is still usable.
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut lines)
+    }
+
+    fn dropped(&self, line: &QueuedLine, reason: &'static str) {
+        metrics::counter!("ferry_actions_dropped_total", "reason" => reason).increment(1);
+        let waited =
+            humantime::format_duration(Duration::from_secs(line.queued.elapsed().as_secs()));
+        warn!(source = %self.source, rule = %line.rule, reason, %waited, "serial write dropped");
     }
 }
 
@@ -221,11 +263,16 @@ impl SerialSourceConfig {
                 "source {n:?}: {e}"
             ));
         }
-        if let Err(e) = self.device_template() {
-            out.push(problem!(
+        match self.device_template() {
+            Err(e) => out.push(problem!(
                 ["source", "serial", i, "device"],
                 "source {n:?}: {e}"
-            ));
+            )),
+            Ok(t) if t.uses_topic() => out.push(problem!(
+                ["source", "serial", i, "device"],
+                "source {n:?}: a serial frame has no topic: use literal text or {{payload.field}}"
+            )),
+            Ok(_) => {}
         }
         if !(1..=100_000).contains(&self.write.queue) {
             out.push(problem!(
@@ -267,12 +314,12 @@ enum Ended {
 }
 
 impl SerialSource {
-    /// Runs until `cancel`: open, read, write the lines `writes` brings, and reopen
-    /// whenever the port goes away.
+    /// Runs until `cancel`: open, read, write the lines queued in `writes`, and
+    /// reopen whenever the port goes away.
     pub async fn run(
         self,
         tx: mpsc::Sender<Input>,
-        mut writes: mpsc::Receiver<QueuedLine>,
+        writes: Arc<WriteQueue>,
         cancel: CancellationToken,
     ) {
         let name = self.cfg.name.clone();
@@ -299,8 +346,6 @@ impl SerialSource {
             time_field: self.cfg.time_field.as_deref(),
             write: &self.cfg.write,
         };
-        // A line taken from the queue whose write failed: written first on reopen.
-        let mut unwritten: Option<QueuedLine> = None;
         let mut keeper = Keeper::new(
             "serial",
             &name,
@@ -309,14 +354,17 @@ impl SerialSource {
             self.cfg.reopen,
         );
         while let Some(port) = keeper.open(&cancel).await {
-            info!(source = %name, %path, "serial port open");
+            if keeper.quiet() {
+                debug!(source = %name, %path, "serial port open again");
+            } else {
+                info!(source = %name, %path, "serial port open");
+            }
             framer.reset();
             let mut worked = false;
             let io = Io {
                 framer: &mut framer,
                 tx: &tx,
-                writes: &mut writes,
-                unwritten: &mut unwritten,
+                writes: &writes,
                 log_limit: &mut log_limit,
                 worked: &mut worked,
             };
@@ -350,8 +398,7 @@ struct Session<'a> {
 struct Io<'a> {
     framer: &'a mut Framer,
     tx: &'a mpsc::Sender<Input>,
-    writes: &'a mut mpsc::Receiver<QueuedLine>,
-    unwritten: &'a mut Option<QueuedLine>,
+    writes: &'a WriteQueue,
     log_limit: &'a mut RateLimit,
     /// Set once a byte was read or a line written in this session.
     worked: &'a mut bool,
@@ -369,32 +416,25 @@ impl Session<'_> {
             framer,
             tx,
             writes,
-            unwritten,
             log_limit,
             worked,
         } = io;
         let (mut reader, mut writer) = tokio::io::split(port);
         let mut buf = [0u8; 1024];
         let mut frames = Vec::new();
-        // The queue closes only when the pipeline stops; reading goes on until then.
-        let mut queue_open = true;
         loop {
-            if let Some(queued) = unwritten.take() {
-                if let Err(why) = self.write_line(&mut writer, &queued).await {
-                    *unwritten = Some(queued);
+            // Queued lines go out before the next read.
+            while let Some(mut queued) = writes.pop() {
+                if let Err((why, cut)) = self.write_line(&mut writer, &queued).await {
+                    queued.cut |= cut;
+                    writes.requeue(queued);
                     return Ended::Lost(why);
                 }
                 *worked = true;
             }
             let n = tokio::select! {
                 _ = cancel.cancelled() => return Ended::Cancelled,
-                queued = writes.recv(), if queue_open => {
-                    match queued {
-                        Some(queued) => *unwritten = Some(queued),
-                        None => queue_open = false,
-                    }
-                    continue;
-                }
+                _ = writes.added.notified() => continue,
                 r = reader.read(&mut buf) => match r {
                     Ok(0) => return Ended::Lost("end of stream".to_string()),
                     Ok(n) => {
@@ -406,9 +446,16 @@ impl Session<'_> {
             };
             framer.push(&buf[..n], &mut frames);
             for frame in frames.drain(..) {
-                let fields = frame
-                    .map_err(|e| e.reason())
-                    .and_then(|bytes| self.format.parse(&bytes).map_err(|e| e.reason()));
+                let fields = match frame {
+                    Err(e) => Err(e.reason()),
+                    Ok(bytes) => match self.format.parse(&bytes) {
+                        Err(e) if e.is_skip() => {
+                            self.skip(e.reason());
+                            continue;
+                        }
+                        parsed => parsed.map_err(|e| e.reason()),
+                    },
+                };
                 let mut fields = match fields {
                     Ok(f) => f,
                     Err(reason) => {
@@ -440,35 +487,52 @@ impl Session<'_> {
         }
     }
 
-    /// Writes one queued line with the port's line ending, unless it waited too long.
-    /// `Err` (the port is lost) leaves the line to the caller to write again.
+    /// Writes one queued line with the port's line ending. A line that was cut off
+    /// before is preceded by a line ending, so the device sees the broken line end
+    /// and then the whole line, not the two run together. `Err` (the port is lost)
+    /// says why and whether part of the line went out.
     async fn write_line(
         &self,
         writer: &mut tokio::io::WriteHalf<tokio_serial::SerialStream>,
         queued: &QueuedLine,
-    ) -> Result<(), String> {
-        let waited = queued.queued.elapsed();
-        if waited > self.write.max_age.0 {
-            metrics::counter!("ferry_actions_dropped_total", "reason" => "expired").increment(1);
-            warn!(source = %self.name, rule = %queued.rule, waited = %humantime::format_duration(Duration::from_secs(waited.as_secs())), "serial write dropped: it waited longer than write.max_age");
-            return Ok(());
+    ) -> Result<(), (String, bool)> {
+        let ending = self.write.line_ending.bytes();
+        let mut bytes = Vec::with_capacity(queued.line.len() + 2 * ending.len());
+        if queued.cut {
+            bytes.extend_from_slice(ending);
         }
-        let mut bytes = Vec::with_capacity(queued.line.len() + 2);
         bytes.extend_from_slice(queued.line.as_bytes());
-        bytes.extend_from_slice(self.write.line_ending.bytes());
+        bytes.extend_from_slice(ending);
         // No flush: the port has no buffer of ours, and tokio-serial's flush is a
         // blocking tcdrain that a wedged adapter could hold forever on a runtime thread.
-        let written = writer.write_all(&bytes);
-        match tokio::time::timeout(self.write.timeout.0, written).await {
+        let mut sent = 0;
+        let written = async {
+            while sent < bytes.len() {
+                match writer.write(&bytes[sent..]).await? {
+                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                    n => sent += n,
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        let result = tokio::time::timeout(self.write.timeout.0, written).await;
+        match result {
             Ok(Ok(())) => {
                 metrics::counter!("ferry_actions_sent_total", "rule" => queued.rule.clone())
                     .increment(1);
                 debug!(source = %self.name, rule = %queued.rule, "rule action written to the serial port");
                 Ok(())
             }
-            Ok(Err(e)) => Err(format!("write failed: {e}")),
-            Err(_) => Err("write timed out".to_string()),
+            Ok(Err(e)) => Err((format!("write failed: {e}"), sent > 0)),
+            Err(_) => Err(("write timed out".to_string(), sent > 0)),
         }
+    }
+
+    /// A frame that carries nothing to read: counted apart from the rejected ones so
+    /// that an alert on rejections means trouble, and not logged.
+    fn skip(&self, reason: &'static str) {
+        metrics::counter!("ferry_input_skipped_total", "source" => self.name.to_string(), "reason" => reason).increment(1);
+        debug!(source = %self.name, reason, "serial frame skipped");
     }
 
     fn reject(&self, reason: &'static str, log_limit: &mut RateLimit) {

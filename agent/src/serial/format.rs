@@ -16,15 +16,20 @@ use serde_json::{Map, Number, Value};
 #[serde(rename_all = "snake_case")]
 pub enum Format {
     /// Comma-separated values named by `fields`, in order. Cells are trimmed; empty
-    /// cells are left out; fewer cells than names is fine, more is an error. No quoting.
+    /// cells are left out; a line must have exactly one cell per name (a line of
+    /// another shape is noise, not a reading). No quoting.
     Csv,
     /// One JSON object per frame.
     Json,
     /// `key=value` pairs separated by spaces or commas, e.g. `t=21.5 door=open`.
     Kv,
     /// NMEA 0183 sentences with a `*hh` checksum (required and checked). `GGA` and
-    /// `RMC` are supported; other sentence types are counted as `unsupported_sentence`.
+    /// `RMC` are read; other sentence types (GSV, GSA, VTG, ... that receivers send
+    /// all the time) are skipped, not errors.
     Nmea,
+    /// Nothing is read from the port: frames are skipped. For a port that only takes
+    /// commands (`action.serial_write`) and whose answers do not matter.
+    None,
 }
 
 /// The format part of a serial source's config.
@@ -46,6 +51,8 @@ pub enum FormatError {
     Empty,
     #[error("frame has {cells} cells but only {fields} field names")]
     TooManyCells { cells: usize, fields: usize },
+    #[error("frame has {cells} cells but {fields} field names")]
+    TooFewCells { cells: usize, fields: usize },
     #[error("frame is not valid JSON: {0}")]
     Malformed(String),
     #[error("frame is JSON but not an object")]
@@ -62,6 +69,8 @@ pub enum FormatError {
     UnsupportedSentence(String),
     #[error("NMEA field {field} has a bad value {value:?}")]
     BadField { field: &'static str, value: String },
+    #[error("format = \"none\": frames are not read")]
+    NotRead,
 }
 
 impl FormatError {
@@ -71,6 +80,7 @@ impl FormatError {
             FormatError::InvalidUtf8 => "invalid_utf8",
             FormatError::Empty => "empty",
             FormatError::TooManyCells { .. } => "too_many_cells",
+            FormatError::TooFewCells { .. } => "too_few_cells",
             FormatError::Malformed(_) => "malformed",
             FormatError::NotAnObject => "not_an_object",
             FormatError::BadPair(_) => "bad_pair",
@@ -79,7 +89,17 @@ impl FormatError {
             FormatError::BadChecksum { .. } => "bad_checksum",
             FormatError::UnsupportedSentence(_) => "unsupported_sentence",
             FormatError::BadField { .. } => "bad_field",
+            FormatError::NotRead => "not_read",
         }
+    }
+
+    /// A frame that is fine but carries nothing to read (an NMEA sentence type that
+    /// is not read, any frame with `format = "none"`): skipped, not a sign of trouble.
+    pub fn is_skip(&self) -> bool {
+        matches!(
+            self,
+            FormatError::UnsupportedSentence(_) | FormatError::NotRead
+        )
     }
 }
 
@@ -117,6 +137,7 @@ impl FormatConfig {
             Format::Json => parse_json(text),
             Format::Kv => parse_kv(text),
             Format::Nmea => parse_nmea(text),
+            Format::None => Err(FormatError::NotRead),
         }
     }
 }
@@ -125,6 +146,12 @@ fn parse_csv(names: &[String], text: &str) -> Result<Map<String, Value>, FormatE
     let cells: Vec<&str> = text.split(',').map(str::trim).collect();
     if cells.len() > names.len() {
         return Err(FormatError::TooManyCells {
+            cells: cells.len(),
+            fields: names.len(),
+        });
+    }
+    if cells.len() < names.len() {
+        return Err(FormatError::TooFewCells {
             cells: cells.len(),
             fields: names.len(),
         });
@@ -419,7 +446,7 @@ mod tests {
         let v = parse(
             Format::Csv,
             &["t", "door", "n", "ok", "big"],
-            " 21.5,open, 3 ,true",
+            " 21.5,open, 3 ,true,",
         )
         .unwrap();
         assert_eq!(v, json!({"t": 21.5, "door": "open", "n": 3, "ok": true}));
@@ -427,15 +454,40 @@ mod tests {
     }
 
     #[test]
-    fn csv_empty_cells_are_left_out_and_fewer_cells_are_fine() {
-        let v = parse(Format::Csv, &["a", "b", "c"], ",2").unwrap();
+    fn csv_empty_cells_are_left_out() {
+        let v = parse(Format::Csv, &["a", "b", "c"], ",2,").unwrap();
         assert_eq!(v, json!({"b": 2}));
     }
 
     #[test]
-    fn csv_with_more_cells_than_names_is_an_error() {
+    fn a_csv_line_of_another_shape_is_noise_not_a_reading() {
         assert_eq!(reason(Format::Csv, &["a"], b"1,2"), "too_many_cells");
+        assert_eq!(
+            reason(Format::Csv, &["t", "door"], b"garbage line here"),
+            "too_few_cells"
+        );
         assert_eq!(reason(Format::Csv, &["a", "b"], b" , "), "empty");
+    }
+
+    #[test]
+    fn other_nmea_sentences_and_any_frame_of_format_none_are_skipped_not_rejected() {
+        let gsv = "$GPGSV,3,1,11,03,03,111,00,04,15,270,00,06,01,010,00,13,06,292,00*74";
+        let fmt = |format| FormatConfig {
+            format,
+            fields: Vec::new(),
+        };
+        let skipped = |format, frame: &str| {
+            fmt(format)
+                .parse(frame.as_bytes())
+                .err()
+                .map(|e| (e.is_skip(), e.reason()))
+        };
+        assert_eq!(
+            skipped(Format::Nmea, gsv),
+            Some((true, "unsupported_sentence"))
+        );
+        assert_eq!(skipped(Format::None, "OK"), Some((true, "not_read")));
+        assert_eq!(skipped(Format::Nmea, "junk"), Some((false, "not_nmea")));
     }
 
     #[test]

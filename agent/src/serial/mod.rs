@@ -7,14 +7,19 @@
 //!   or NMEA 0183).
 //!
 //! Both report bad input as errors with a short `reason()` for the metrics label, and
-//! neither panics on any input. The port handling (open, reopen on unplug, reads)
+//! neither panics on any input.
+//!
+//! The other way, [`queue`] holds the lines rule actions write to a port until it
+//! can take them. The port handling (open, reopen on unplug, reads)
 //! lives apart from them.
 
 pub mod format;
 pub mod framing;
+pub mod queue;
 
 pub use format::{Format, FormatConfig, FormatError};
 pub use framing::{Frame, FrameError, Framer, Framing, LengthBytes};
+pub use queue::{LineQueue, QueuedLine};
 
 /// A fixed-seed pseudo-random generator for the no-panic tests, so a failure is
 /// reproducible.
