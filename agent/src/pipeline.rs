@@ -370,7 +370,7 @@ impl Committer {
                 }
                 _ = tick.tick() => {
                     let outcome = self.rules.tick(chrono::Utc::now());
-                    self.outcome(outcome, None, &mut batch);
+                    self.outcome(outcome, None, None, &mut batch);
                 }
             }
             if !self.settle(batch, &shutdown).await {
@@ -467,7 +467,7 @@ impl Committer {
         let forward = outcome.forward;
         // The reading goes first, then what it triggered.
         let reading_at = batch.records.len();
-        self.outcome(outcome, Some(&origin.uri), batch);
+        self.outcome(outcome, Some(&origin.uri), Some(&reading.device), batch);
         if forward {
             batch.records.insert(
                 reading_at,
@@ -484,12 +484,26 @@ impl Committer {
         }
     }
 
-    /// Turns what the rules decided into records and actions.
-    fn outcome(&mut self, outcome: ferry_rules::Outcome, uri: Option<&str>, batch: &mut Batch) {
+    /// Turns what the rules decided into records and actions. `device`: the device
+    /// of the reading evaluated, for the logs (none for a tick).
+    fn outcome(
+        &mut self,
+        outcome: ferry_rules::Outcome,
+        uri: Option<&str>,
+        device: Option<&str>,
+        batch: &mut Batch,
+    ) {
         for e in &outcome.errors {
             metrics::counter!("ferry_rule_errors_total", "rule" => e.rule.clone()).increment(1);
             if let Some(suppressed) = self.log_limit.check(Instant::now()) {
-                warn!(rule = %e.rule, error = %e.message, suppressed, "rule evaluation failed");
+                match device {
+                    Some(device) => {
+                        warn!(rule = %e.rule, %device, error = %e.message, suppressed, "rule evaluation failed")
+                    }
+                    None => {
+                        warn!(rule = %e.rule, error = %e.message, suppressed, "rule evaluation failed")
+                    }
+                }
             }
         }
         match outcome.state {
