@@ -2,8 +2,10 @@
 //! tokio-modbus's RTU server plays the devices. Unit 1 answers with known holding,
 //! input and coil values, which must arrive as one reading per poll with the right
 //! numbers; unit 2 on the same bus never answers, which must cost the bus only its
-//! timeouts (unit 1 keeps its pace) and be counted. A bus that is absent at start,
-//! then unplugged and replugged, is reopened and polling resumes.
+//! timeouts (unit 1 keeps its pace) and be counted. A register map entry at an
+//! address unit 1 refuses, and a value it sends as NaN, leave out only their own
+//! fields and are each logged once. A bus that is absent at start, then unplugged and
+//! replugged, is reopened and polling resumes.
 
 mod support;
 
@@ -32,12 +34,15 @@ impl Boiler {
     fn new() -> Boiler {
         let flow = 12.75f32.to_bits();
         let energy: u32 = 70_000;
+        let nan = f32::NAN.to_bits();
         Boiler {
             holding: HashMap::from([
                 (0, (-20i16) as u16),     // setpoint, i16
                 (1, (flow >> 16) as u16), // flow, f32 high word first
                 (2, flow as u16),         //
                 (3, 0xFFFF),              // unmapped, never read
+                (10, (nan >> 16) as u16), // outdoor, f32: NaN, "no sensor fitted"
+                (11, nan as u16),         //
             ]),
             input: HashMap::from([
                 (0, 456),                      // humidity, u16 * 0.1
@@ -161,6 +166,11 @@ fn serve(path: PathBuf, stop: Arc<AtomicBool>) {
 }
 
 fn config(receiver: &Receiver, admin: u16, port: &Path) -> String {
+    config_with(receiver, admin, port, "")
+}
+
+/// The config, with `more` (register tables) added to unit 1's register map.
+fn config_with(receiver: &Receiver, admin: u16, port: &Path, more: &str) -> String {
     format!(
         r#"[agent]
 id = "gw-modbus"
@@ -215,7 +225,7 @@ scale = 0.1
 field = "pump"
 function = "coil"
 address = 0
-
+{more}
 [[source.modbus.slave]]
 id = 2
 poll = "200ms"
@@ -396,6 +406,96 @@ fn a_bus_absent_at_start_then_unplugged_and_replugged_is_polled_again() {
         agent.stderr().matches("cannot open modbus port").count(),
         1,
         "an absent port is reported once, not per retry"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_refused_register_and_a_nan_leave_out_only_their_fields_and_are_logged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cable = Cable::plug(dir.path(), "rs485");
+    let _devices = Devices::power_on(&cable.sensor());
+    let receiver = Receiver::start();
+    // "valve" is numbered as in a manual (holding register 40101 is address 100 on
+    // the wire): unit 1 has no such address and refuses that read with an exception.
+    let more = r#"
+[[source.modbus.slave.register]]
+field = "valve"
+address = 40101
+
+[[source.modbus.slave.register]]
+field = "outdoor"
+address = 10
+type = "f32"
+"#;
+    let mut agent = Agent::start(
+        &config_with(&receiver, free_port(), &cable.port(), more),
+        &[],
+    );
+
+    // Several polls, each refusing the valve's read and leaving out the NaN.
+    agent.wait_for_metric(
+        "ferry_modbus_errors_total",
+        &[("source", "plant"), ("slave", "1"), ("reason", "exception")],
+        5.0,
+    );
+    agent.wait_for_metric(
+        "ferry_modbus_errors_total",
+        &[("source", "plant"), ("slave", "1"), ("reason", "decode")],
+        5.0,
+    );
+    let readings = agent.eventually("three boiler readings", |_| {
+        let r = boiler_readings(&receiver);
+        if r.len() >= 3 {
+            Ok(r)
+        } else {
+            Err(format!("{} boiler readings so far", r.len()))
+        }
+    });
+    for r in &readings {
+        assert_eq!(
+            r.data,
+            json!({
+                "setpoint": -20,
+                "flow": 12.75,
+                "humidity": 45.6,
+                "energy": 70000,
+                "temperature": -21.5,
+                "pump": true,
+            }),
+            "only valve and outdoor are left out"
+        );
+    }
+
+    let stderr = agent.stderr();
+    let refused: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("modbus read refused"))
+        .collect();
+    assert_eq!(refused.len(), 1, "logged once, not per poll: {refused:#?}");
+    for needle in [
+        "slave=1",
+        "function=\"holding\"",
+        "address=40101",
+        "count=1",
+        "fields=\"valve\"",
+        "Illegal data address",
+    ] {
+        assert!(refused[0].contains(needle), "{needle} in {}", refused[0]);
+    }
+    let left_out: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("modbus value left out"))
+        .collect();
+    assert_eq!(
+        left_out.len(),
+        1,
+        "logged once, not per poll: {left_out:#?}"
+    );
+    assert!(left_out[0].contains("outdoor"), "{}", left_out[0]);
+    assert!(
+        !stderr.contains("modbus slave polls failing"),
+        "unit 1 answers: a refused read is not a failing slave"
     );
     assert!(agent.stop().success());
 }

@@ -2,8 +2,8 @@
 //!
 //! Logs go to stderr (stdout belongs to the console sink), as text or JSON lines,
 //! filtered by `RUST_LOG` (default `info`, without tokio-modbus's own lines: it logs
-//! every byte it skips on a noisy bus, and the Modbus source already counts and logs
-//! those failures at a limited rate). Metrics are Prometheus counters served on
+//! every byte it skips on a noisy bus, and the Modbus source already counts those
+//! failures and logs them once per change). Metrics are Prometheus counters served on
 //! the `[admin] listen` address; without it the counters cost next to nothing and no
 //! port is opened.
 
@@ -96,6 +96,6 @@ fn describe() {
     );
     d!(
         "ferry_modbus_errors_total",
-        "Modbus polls that failed and values left out, by source, slave and reason."
+        "Modbus polls that failed, reads refused with an exception and values left out, by source, slave and reason."
     );
 }

@@ -13,6 +13,15 @@
 //! polled less and less often (up to `silent_poll_max`), so the live slaves keep most
 //! of the bus, and it is back on its own interval at its first answer.
 //!
+//! # Exceptions and left-out values
+//! A slave that refuses a read with a Modbus exception (an address it does not have,
+//! say) is alive: only that read's fields are missing, its other reads still go out
+//! and its reading carries what they returned. Likewise a value that is not a finite
+//! number is left out and the rest of the reading goes. Both usually last (a wrong
+//! register map entry is refused on every poll), so each is counted on every poll but
+//! logged when it starts and when it ends ([`Gaps`]), naming the read (function,
+//! address, count and the fields it covers) or the field.
+//!
 //! # Late answers
 //! A slave that answers after its timeout must not be taken for the next slave's
 //! answer. Three things stop that: whatever sits in the receive buffer when a request
@@ -52,7 +61,8 @@ use super::{Input, Origin, Payload};
 use crate::config::{problem, BackoffConfig, Dur, Problem};
 use crate::modbus::schedule::LONGEST;
 use crate::modbus::{
-    frame_gap, Answer, Change, Failure, Function, Plan, Read, Register, RegisterConfig, Schedule,
+    frame_gap, outcome, Answer, Change, DecodeError, Failure, Function, Gaps, Plan, Read, Register,
+    RegisterConfig, Schedule, Turn,
 };
 use crate::ratelimit::RateLimit;
 
@@ -313,6 +323,7 @@ impl ModbusSource {
                 Instant::now(),
             ),
             slaves: &slaves,
+            gaps: slaves.iter().map(|_| SlaveGaps::default()).collect(),
             gap: frame_gap(self.cfg.baud),
             log_limit: RateLimit::new(10, Duration::from_secs(60)),
             tx: &tx,
@@ -329,6 +340,8 @@ impl ModbusSource {
         while let Some(port) = keeper.open(&cancel).await {
             if quiet_reopen {
                 debug!(source = %name, %path, "modbus port reopened after a garbled answer");
+            } else if keeper.quiet() {
+                debug!(source = %name, %path, "modbus port open again");
             } else {
                 info!(source = %name, %path, slaves = slaves.len(), "modbus port open");
             }
@@ -351,13 +364,17 @@ impl ModbusSource {
 }
 
 /// One bus's polling state; it outlives port sessions, so a reopened port carries on
-/// with the same schedule and slave health.
+/// with the same schedule, slave health and gaps (nothing is logged again for a
+/// read that was already refused before the port was reopened).
 struct Bus<'a> {
     name: &'a str,
     origin: &'a Arc<Origin>,
     slaves: &'a [SlaveSpec],
     schedule: Schedule,
+    /// One per slave, as `slaves`.
+    gaps: Vec<SlaveGaps>,
     gap: Duration,
+    /// For the log lines of a read or field that keeps coming and going (see [`Gaps`]).
     log_limit: RateLimit,
     tx: &'a mpsc::Sender<Input>,
     cancel: &'a CancellationToken,
@@ -396,20 +413,21 @@ impl Bus<'_> {
             };
             quiet_from = Instant::now();
             match result {
-                Ok(answers) => {
+                Ok(replies) => {
                     answered = true;
-                    let outcome = match self.reading(slave, &answers) {
-                        Some(input) => {
-                            tokio::select! {
-                                _ = self.cancel.cancelled() => return (Ended::Cancelled, answered),
-                                r = self.tx.send(input) => if r.is_err() { return (Ended::Cancelled, answered) },
-                            }
-                            Ok(())
+                    let (input, outcome) = self.reading(i, slave, replies);
+                    if let Some(input) = input {
+                        tokio::select! {
+                            _ = self.cancel.cancelled() => return (Ended::Cancelled, answered),
+                            r = self.tx.send(input) => if r.is_err() { return (Ended::Cancelled, answered) },
                         }
-                        None => Err(Failure::Decode),
+                    }
+                    let why = match outcome {
+                        Err(Failure::Exception) => "every read was refused with an exception",
+                        _ => "no value in the answers could be decoded",
                     };
                     let change = self.schedule.record(i, outcome, Instant::now());
-                    self.report(i, slave, change, "no value in the answer could be decoded");
+                    self.report(i, slave, change, why);
                 }
                 Err(e) => {
                     let failure = e.failure();
@@ -436,21 +454,61 @@ impl Bus<'_> {
         }
     }
 
-    /// The reading of an answered poll; `None` if no field could be decoded.
-    fn reading(&mut self, slave: &SlaveSpec, answers: &[Answer]) -> Option<Input> {
-        let (fields, errors) = slave.plan.fields(&slave.registers, answers);
-        for error in errors {
-            self.count(slave, Failure::Decode);
-            if let Some(suppressed) = self.log_limit.check(Instant::now()) {
-                warn!(source = %self.name, slave = slave.id, device = %slave.device, %error, suppressed, "modbus value left out of the reading");
+    /// The reading of a poll whose reads all got a reply (`None` if it holds no
+    /// field), and how the poll went for the schedule. Refused reads and values left
+    /// out are counted on every poll and logged once per change.
+    fn reading(
+        &mut self,
+        i: usize,
+        slave: &SlaveSpec,
+        replies: Vec<Reply>,
+    ) -> (Option<Input>, Result<(), Failure>) {
+        let mut answers = Vec::with_capacity(replies.len());
+        for (k, reply) in replies.into_iter().enumerate() {
+            let refused = reply.as_ref().err().copied();
+            if refused.is_some() {
+                self.count(slave, Failure::Exception);
+            }
+            let turn = self
+                .gaps
+                .get_mut(i)
+                .and_then(|g| g.reads.observe(k, refused));
+            if let (Some(turn), Some(read)) = (turn, slave.plan.reads.get(k)) {
+                self.log_read(slave, k, read, turn, refused);
+            }
+            answers.push(reply.ok());
+        }
+        let reads_answered = answers.iter().filter(|a| a.is_some()).count();
+        let values = slave.plan.values(&slave.registers, &answers);
+        let mut fields = serde_json::Map::new();
+        for (k, (register, value)) in slave.registers.iter().zip(values).enumerate() {
+            let error = match value {
+                // Its read was refused: whether it has a value is not known.
+                None => continue,
+                Some(Ok(v)) => {
+                    fields.insert(register.field.clone(), v);
+                    None
+                }
+                Some(Err(e)) => {
+                    self.count(slave, Failure::Decode);
+                    Some(e)
+                }
+            };
+            let turn = self
+                .gaps
+                .get_mut(i)
+                .and_then(|g| g.fields.observe(k, error.as_ref().map(|_| ())));
+            if let Some(turn) = turn {
+                self.log_field(slave, register, turn, error.as_ref());
             }
         }
+        let outcome = outcome(fields.len(), reads_answered);
         if fields.is_empty() {
-            return None;
+            return (None, outcome);
         }
         metrics::counter!("ferry_input_received_total", "source" => self.name.to_string())
             .increment(1);
-        Some(Input {
+        let input = Input {
             origin: Arc::clone(self.origin),
             received: chrono::Utc::now(),
             payload: Payload::Fields {
@@ -458,7 +516,75 @@ impl Bus<'_> {
                 fields,
             },
             ack: None,
-        })
+        };
+        (Some(input), outcome)
+    }
+
+    /// Whether to log `turn`, and how many such lines were suppressed before it: a
+    /// key's first turns (it went missing, it came back) always are; the later ones
+    /// of a key that keeps coming and going share the bus's rate limit.
+    fn let_through(&mut self, turn: Turn) -> Option<u64> {
+        if turn.first() {
+            return Some(0);
+        }
+        self.log_limit.check(Instant::now())
+    }
+
+    /// Logs that read `k` of `slave` started being refused (with `refused`) or is
+    /// answered again.
+    fn log_read(
+        &mut self,
+        slave: &SlaveSpec,
+        k: usize,
+        read: &Read,
+        turn: Turn,
+        refused: Option<ExceptionCode>,
+    ) {
+        let Some(suppressed) = self.let_through(turn) else {
+            return;
+        };
+        let (source, id, device) = (self.name, slave.id, &slave.device);
+        let (function, address, count) = (read.function.name(), read.address, read.count);
+        // Logged as a str, which text logs quote: `fields="setpoint, flow"` reads as
+        // one value.
+        let fields = fields_of(slave, k);
+        match (turn, refused) {
+            (Turn::Opened { .. }, Some(exception)) => warn!(
+                %source, slave = id, %device, function, address, count, fields = fields.as_str(), %exception, suppressed,
+                "modbus read refused; its fields are left out of the readings until it is answered"
+            ),
+            (Turn::Closed { polls, .. }, _) => info!(
+                %source, slave = id, %device, function, address, count, fields = fields.as_str(), refused_polls = polls, suppressed,
+                "modbus read answered again"
+            ),
+            // An opened gap always comes with its exception.
+            (Turn::Opened { .. }, None) => {}
+        }
+    }
+
+    /// Logs that `register`'s value started being left out (for `error`) or is back.
+    fn log_field(
+        &mut self,
+        slave: &SlaveSpec,
+        register: &Register,
+        turn: Turn,
+        error: Option<&DecodeError>,
+    ) {
+        let Some(suppressed) = self.let_through(turn) else {
+            return;
+        };
+        let (source, id, device, field) = (self.name, slave.id, &slave.device, &register.field);
+        match (turn, error) {
+            (Turn::Opened { .. }, Some(error)) => warn!(
+                %source, slave = id, %device, %field, %error, suppressed,
+                "modbus value left out of the readings until it has a value again"
+            ),
+            (Turn::Closed { polls, .. }, _) => info!(
+                %source, slave = id, %device, %field, left_out_polls = polls, suppressed,
+                "modbus value back in the readings"
+            ),
+            (Turn::Opened { .. }, None) => {}
+        }
     }
 
     fn count(&self, slave: &SlaveSpec, failure: Failure) {
@@ -501,13 +627,34 @@ impl Bus<'_> {
     }
 }
 
+/// What the slave sent back for one read: its answer, or the exception it refused
+/// the read with.
+type Reply = Result<Answer, ExceptionCode>;
+
+/// What is missing from one slave's readings now: its refused reads, by index in its
+/// plan, and its values left out, by index in its register map.
+#[derive(Debug, Default)]
+struct SlaveGaps {
+    reads: Gaps<usize, ExceptionCode>,
+    fields: Gaps<usize, ()>,
+}
+
+/// The fields read `k` of `slave` covers, for a log line: "setpoint, flow".
+fn fields_of(slave: &SlaveSpec, k: usize) -> String {
+    let names: Vec<&str> = slave
+        .plan
+        .registers_of(k)
+        .filter_map(|r| slave.registers.get(r))
+        .map(|r| r.field.as_str())
+        .collect();
+    names.join(", ")
+}
+
 /// Why one poll failed.
 #[derive(Debug, thiserror::Error)]
 enum PollError {
     #[error("no answer within the timeout")]
     Timeout { request_stuck: bool },
-    #[error("exception: {0}")]
-    Exception(ExceptionCode),
     #[error("answer refused: {0}")]
     Mismatch(String),
     #[error("garbled answer: {0}")]
@@ -520,7 +667,6 @@ impl PollError {
     fn failure(&self) -> Failure {
         match self {
             PollError::Timeout { .. } => Failure::Timeout,
-            PollError::Exception(_) => Failure::Exception,
             PollError::Mismatch(_) => Failure::Mismatch,
             PollError::Garbled(_) => Failure::Decode,
             PollError::Lost(_) => Failure::Io,
@@ -528,15 +674,17 @@ impl PollError {
     }
 }
 
-/// Sends a slave's reads one after the other, each bounded by its timeout; the first
-/// failure ends the poll, so a dead slave costs one timeout, not one per read.
+/// Sends a slave's reads one after the other, each bounded by its timeout, and
+/// returns one reply per read. An exception refuses only its own read: the slave is
+/// alive, so its other reads still go out. Any other failure ends the poll at once,
+/// so a dead slave costs one timeout, not one per read.
 async fn poll(
     ctx: &mut Context,
     line: &LineState,
     slave: &SlaveSpec,
-) -> Result<Vec<Answer>, PollError> {
+) -> Result<Vec<Reply>, PollError> {
     ctx.set_slave(Slave(slave.id));
-    let mut answers = Vec::with_capacity(slave.plan.reads.len());
+    let mut replies = Vec::with_capacity(slave.plan.reads.len());
     for read in &slave.plan.reads {
         let request = match read.function {
             Function::Holding => Request::ReadHoldingRegisters(read.address, read.count),
@@ -563,12 +711,15 @@ async fn poll(
             Ok(Err(tokio_modbus::Error::Protocol(e))) => {
                 return Err(PollError::Mismatch(e.to_string()))
             }
-            Ok(Ok(Err(code))) => return Err(PollError::Exception(code)),
+            Ok(Ok(Err(code))) => {
+                replies.push(Err(code));
+                continue;
+            }
             Ok(Ok(Ok(response))) => response,
         };
-        answers.push(answer_of(read, response)?);
+        replies.push(Ok(answer_of(read, response)?));
     }
-    Ok(answers)
+    Ok(replies)
 }
 
 /// The answer to `read`, if `response` is one: same function, and as many registers
@@ -925,7 +1076,7 @@ address = 0
             (req, device)
         });
         let r = poll(&mut ctx, &state, &live).await;
-        assert_eq!(r.unwrap(), [Answer::Words(vec![7])]);
+        assert_eq!(r.unwrap(), [Ok(Answer::Words(vec![7]))]);
         let (req, _device) = far_end.await.unwrap();
         assert_eq!(req, frame(1, &[3, 0, 0, 0, 1]));
     }
@@ -958,7 +1109,7 @@ address = 0
             device
         });
         let r = poll(&mut ctx, &state, &live).await;
-        assert_eq!(r.unwrap(), [Answer::Words(vec![8])]);
+        assert_eq!(r.unwrap(), [Ok(Answer::Words(vec![8]))]);
         far_end.await.unwrap();
     }
 
@@ -969,6 +1120,184 @@ address = 0
         drop(device);
         let r = poll(&mut ctx, &state, &live).await;
         assert!(matches!(r, Err(PollError::Lost(_))), "{r:?}");
+    }
+
+    /// Unit 1 with a holding read at 0 (setpoint, flow) and one at 100 (valve).
+    fn two_reads() -> SlaveSpec {
+        let c = cfg(r#"
+name = "plant"
+path = "/dev/x"
+[[slave]]
+id = 1
+timeout = "100ms"
+[[slave.register]]
+field = "setpoint"
+address = 0
+type = "i16"
+[[slave.register]]
+field = "valve"
+address = 100
+[[slave.register]]
+field = "flow"
+address = 1
+type = "f32"
+"#);
+        c.slaves().unwrap().remove(0)
+    }
+
+    /// Runs `f` on a bus polling `slaves`, with nothing plugged in.
+    fn on_bus<R>(slaves: &[SlaveSpec], f: impl FnOnce(&mut Bus) -> R) -> R {
+        let origin = Origin::new("gw", "modbus", "plant", None);
+        let (tx, _rx) = mpsc::channel(8);
+        let cancel = CancellationToken::new();
+        let mut bus = Bus {
+            name: "plant",
+            origin: &origin,
+            schedule: Schedule::new(
+                slaves.iter().map(|s| s.poll),
+                Duration::from_secs(60),
+                Instant::now(),
+            ),
+            slaves,
+            gaps: slaves.iter().map(|_| SlaveGaps::default()).collect(),
+            gap: Duration::ZERO,
+            log_limit: RateLimit::new(10, Duration::from_secs(60)),
+            tx: &tx,
+            cancel: &cancel,
+        };
+        f(&mut bus)
+    }
+
+    fn fields_in(input: Option<Input>) -> serde_json::Value {
+        match input.map(|i| i.payload) {
+            Some(Payload::Fields { fields, .. }) => serde_json::Value::Object(fields),
+            Some(_) => panic!("a reading without fields"),
+            None => panic!("no reading"),
+        }
+    }
+
+    #[test]
+    fn a_log_line_names_the_fields_a_read_covers_in_map_order() {
+        let slave = two_reads();
+        assert_eq!(
+            slave.plan.reads,
+            [
+                read(Function::Holding, 0, 3),
+                read(Function::Holding, 100, 1)
+            ]
+        );
+        assert_eq!(fields_of(&slave, 0), "setpoint, flow");
+        assert_eq!(fields_of(&slave, 1), "valve");
+    }
+
+    #[test]
+    fn a_refused_read_leaves_out_only_its_fields_and_the_poll_counts_as_answered() {
+        let slave = two_reads();
+        let flow = 12.75f32.to_bits();
+        let words = vec![(-20i16) as u16, (flow >> 16) as u16, flow as u16];
+        let replies = vec![
+            Ok(Answer::Words(words)),
+            Err(ExceptionCode::IllegalDataAddress),
+        ];
+        let (input, outcome) = on_bus(std::slice::from_ref(&slave), |bus| {
+            bus.reading(0, &slave, replies)
+        });
+        assert_eq!(outcome, Ok(()));
+        assert_eq!(
+            fields_in(input),
+            serde_json::json!({"setpoint": -20, "flow": 12.75})
+        );
+    }
+
+    #[test]
+    fn a_slave_that_refuses_every_read_sends_nothing_and_fails_with_exception() {
+        let slave = two_reads();
+        let replies = vec![
+            Err(ExceptionCode::IllegalDataAddress),
+            Err(ExceptionCode::IllegalDataAddress),
+        ];
+        let (input, outcome) = on_bus(std::slice::from_ref(&slave), |bus| {
+            bus.reading(0, &slave, replies)
+        });
+        assert!(input.is_none());
+        assert_eq!(outcome, Err(Failure::Exception));
+    }
+
+    #[test]
+    fn a_nan_is_left_out_and_the_other_fields_still_go() {
+        let slave = two_reads();
+        let nan = f32::NAN.to_bits();
+        let replies = vec![
+            Ok(Answer::Words(vec![7, (nan >> 16) as u16, nan as u16])),
+            Ok(Answer::Words(vec![1])),
+        ];
+        let (input, outcome) = on_bus(std::slice::from_ref(&slave), |bus| {
+            bus.reading(0, &slave, replies)
+        });
+        assert_eq!(outcome, Ok(()));
+        assert_eq!(
+            fields_in(input),
+            serde_json::json!({"setpoint": 7, "valve": 1})
+        );
+    }
+
+    #[test]
+    fn a_refused_read_does_not_pass_for_its_nan_coming_back() {
+        let slave = two_reads();
+        let nan = f32::NAN.to_bits();
+        let with_nan = vec![
+            Ok(Answer::Words(vec![7, (nan >> 16) as u16, nan as u16])),
+            Ok(Answer::Words(vec![1])),
+        ];
+        let refused = vec![
+            Err(ExceptionCode::ServerDeviceBusy),
+            Ok(Answer::Words(vec![1])),
+        ];
+        on_bus(std::slice::from_ref(&slave), |bus| {
+            assert_eq!(bus.reading(0, &slave, with_nan).1, Ok(()));
+            assert_eq!(bus.reading(0, &slave, refused).1, Ok(()));
+            let flow = 2; // "flow" is the third register of the map
+            let gaps = &mut bus.gaps[0];
+            assert_eq!(
+                gaps.fields.observe(flow, Some(())),
+                None,
+                "flow is still left out, not back and gone again"
+            );
+            assert_eq!(
+                gaps.reads.observe(0, None),
+                Some(Turn::Closed {
+                    first: true,
+                    polls: 1
+                }),
+                "the busy read is refused until answered"
+            );
+        });
+    }
+
+    #[tokio::test]
+    async fn an_exception_refuses_only_its_read_and_the_next_read_still_goes_out() {
+        use tokio::io::AsyncWriteExt;
+        let (mut ctx, state, mut device) = bus();
+        let slave = two_reads();
+        let far_end = tokio::spawn(async move {
+            let first = request(&mut device).await;
+            // Exception 2 (illegal data address) to function 3.
+            device.write_all(&frame(1, &[0x83, 2])).await.unwrap();
+            let second = request(&mut device).await;
+            device.write_all(&frame(1, &[3, 2, 0, 9])).await.unwrap();
+            (first, second, device)
+        });
+        let r = poll(&mut ctx, &state, &slave).await.unwrap();
+        let (first, second, _device) = far_end.await.unwrap();
+        assert_eq!(first, frame(1, &[3, 0, 0, 0, 3]));
+        assert_eq!(second, frame(1, &[3, 0, 100, 0, 1]));
+        assert_eq!(
+            r,
+            [
+                Err(ExceptionCode::IllegalDataAddress),
+                Ok(Answer::Words(vec![9]))
+            ]
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! them are not merged: asking for addresses the map does not name can make a
 //! device answer with an exception for the whole read.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::registers::{DecodeError, Function, Register};
 
@@ -72,37 +72,51 @@ impl Plan {
         Plan { reads, at }
     }
 
-    /// The reading's fields from one answer per read (in [`Plan::reads`] order), and
-    /// the values that could not be decoded (their fields are left out).
-    pub fn fields(
+    /// The registers whose values `read` (an index into [`Plan::reads`]) fetches, as
+    /// indexes into the register map, in map order: what a refused read leaves out.
+    pub fn registers_of(&self, read: usize) -> impl Iterator<Item = usize> + '_ {
+        self.at
+            .iter()
+            .enumerate()
+            .filter(move |(_, &(r, _))| r == read)
+            .map(|(k, _)| k)
+    }
+
+    /// Each register's value, in map order, from one entry per read (in
+    /// [`Plan::reads`] order; `None` for a read the slave refused). A register of a
+    /// refused read gets `None`: neither a value nor a decode error, since the
+    /// refusal is counted and logged on its own. The others get their value, or why
+    /// it could not be decoded (their field is left out of the reading).
+    pub fn values(
         &self,
         registers: &[Register],
-        answers: &[Answer],
-    ) -> (Map<String, Value>, Vec<DecodeError>) {
-        let mut fields = Map::new();
-        let mut errors = Vec::new();
-        for (r, &(read, offset)) in registers.iter().zip(&self.at) {
-            let value = match (r.function.is_bits(), answers.get(read)) {
-                (false, Some(Answer::Words(words))) => {
-                    r.decode_words(words.get(offset..).unwrap_or(&[]))
-                }
-                (true, Some(Answer::Bits(bits))) => {
-                    r.decode_bits(bits.get(offset..).unwrap_or(&[]))
-                }
-                _ => Err(DecodeError::Short {
-                    field: r.field.clone(),
-                    want: usize::from(r.width()),
-                    got: 0,
-                }),
-            };
-            match value {
-                Ok(v) => {
-                    fields.insert(r.field.clone(), v);
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        (fields, errors)
+        answers: &[Option<Answer>],
+    ) -> Vec<Option<Result<Value, DecodeError>>> {
+        registers
+            .iter()
+            .zip(&self.at)
+            .map(|(r, &(read, offset))| {
+                let answer = match answers.get(read) {
+                    Some(None) => return None,
+                    // No entry at all for its read: decoded as nothing, so short.
+                    Some(Some(answer)) => Some(answer),
+                    None => None,
+                };
+                Some(match (r.function.is_bits(), answer) {
+                    (false, Some(Answer::Words(words))) => {
+                        r.decode_words(words.get(offset..).unwrap_or(&[]))
+                    }
+                    (true, Some(Answer::Bits(bits))) => {
+                        r.decode_bits(bits.get(offset..).unwrap_or(&[]))
+                    }
+                    _ => Err(DecodeError::Short {
+                        field: r.field.clone(),
+                        want: usize::from(r.width()),
+                        got: 0,
+                    }),
+                })
+            })
+            .collect()
     }
 }
 
@@ -110,7 +124,27 @@ impl Plan {
 mod tests {
     use super::super::registers::RegisterConfig;
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Map};
+
+    /// The reading's fields and the decode errors, as the bus task builds them.
+    fn fields(
+        plan: &Plan,
+        registers: &[Register],
+        answers: &[Option<Answer>],
+    ) -> (Map<String, Value>, Vec<DecodeError>) {
+        let mut fields = Map::new();
+        let mut errors = Vec::new();
+        for (r, value) in registers.iter().zip(plan.values(registers, answers)) {
+            match value {
+                Some(Ok(v)) => {
+                    fields.insert(r.field.clone(), v);
+                }
+                Some(Err(e)) => errors.push(e),
+                None => {}
+            }
+        }
+        (fields, errors)
+    }
 
     fn map(entries: &[(&str, u16, &str, &str)]) -> Vec<Register> {
         entries
@@ -170,7 +204,7 @@ mod tests {
         let regs = map(&[("all", 10, "input", "u32"), ("low", 11, "input", "u16")]);
         let plan = Plan::new(&regs);
         assert_eq!(plan.reads, [read(Function::Input, 10, 2)]);
-        let (fields, errors) = plan.fields(&regs, &[Answer::Words(vec![1, 2])]);
+        let (fields, errors) = fields(&plan, &regs, &[Some(Answer::Words(vec![1, 2]))]);
         assert!(errors.is_empty());
         assert_eq!(Value::Object(fields), json!({"all": 65538, "low": 2}));
     }
@@ -258,10 +292,12 @@ mod tests {
             ]
         );
         let answers = [
-            Answer::Words(vec![(-5i16) as u16, 40]),
-            Answer::Bits(vec![true, false, false, false, false, false, false, false]),
+            Some(Answer::Words(vec![(-5i16) as u16, 40])),
+            Some(Answer::Bits(vec![
+                true, false, false, false, false, false, false, false,
+            ])),
         ];
-        let (fields, errors) = plan.fields(&regs, &answers);
+        let (fields, errors) = fields(&plan, &regs, &answers);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(
             Value::Object(fields),
@@ -273,17 +309,52 @@ mod tests {
     fn a_short_or_missing_answer_leaves_out_only_the_fields_it_lacks() {
         let regs = map(&[("a", 0, "holding", "u16"), ("b", 1, "holding", "u32")]);
         let plan = Plan::new(&regs);
-        let (fields, errors) = plan.fields(&regs, &[Answer::Words(vec![7, 8])]);
-        assert_eq!(Value::Object(fields), json!({"a": 7}));
+        let (got, errors) = fields(&plan, &regs, &[Some(Answer::Words(vec![7, 8]))]);
+        assert_eq!(Value::Object(got), json!({"a": 7}));
         assert_eq!(errors.len(), 1);
-        let (fields, errors) = plan.fields(&regs, &[]);
-        assert!(fields.is_empty());
+        let (got, errors) = fields(&plan, &regs, &[]);
+        assert!(got.is_empty());
         assert_eq!(errors.len(), 2);
-        let (_, errors) = plan.fields(&regs, &[Answer::Bits(vec![true])]);
+        let (_, errors) = fields(&plan, &regs, &[Some(Answer::Bits(vec![true]))]);
         assert_eq!(
             errors.len(),
             2,
             "registers given bits decode as nothing: {errors:?}"
         );
+    }
+
+    #[test]
+    fn a_refused_read_leaves_out_its_fields_without_decode_errors() {
+        let regs = map(&[
+            ("t", 0, "holding", "i16"),
+            ("valve", 100, "holding", "u16"),
+            ("door", 3, "discrete", "bool"),
+        ]);
+        let plan = Plan::new(&regs);
+        assert_eq!(plan.reads.len(), 3);
+        let answers = [
+            Some(Answer::Words(vec![7])),
+            None,
+            Some(Answer::Bits(vec![true; 8])),
+        ];
+        let values = plan.values(&regs, &answers);
+        assert_eq!(values[1], None, "valve's read was refused");
+        let (got, errors) = fields(&plan, &regs, &answers);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(Value::Object(got), json!({"t": 7, "door": true}));
+    }
+
+    #[test]
+    fn a_read_covers_the_registers_whose_values_it_fetches_in_map_order() {
+        let regs = map(&[
+            ("flow", 1, "holding", "f32"),
+            ("door", 3, "discrete", "bool"),
+            ("setpoint", 0, "holding", "i16"),
+        ]);
+        let plan = Plan::new(&regs);
+        assert_eq!(plan.reads[0], read(Function::Holding, 0, 3));
+        assert_eq!(plan.registers_of(0).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(plan.registers_of(1).collect::<Vec<_>>(), [1]);
+        assert_eq!(plan.registers_of(2).count(), 0);
     }
 }

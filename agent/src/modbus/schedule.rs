@@ -16,6 +16,10 @@
 //!   slaves get the rest. The first answer puts it back on its own interval.
 //! - A failure of the port itself ([`Failure::Io`]) says nothing about the slave: its
 //!   run of timeouts is neither extended nor ended, and its health does not change.
+//! - A read refused with an exception does not make a poll fail: the slave answered,
+//!   and the refusal is a register map problem, logged per read. Only a poll that
+//!   leaves nothing to send fails (see [`outcome`]); one whose reads were all refused
+//!   is an exception, which keeps the slave on its own interval like any answer.
 //!
 //! Health is tracked per slave so that the caller logs once per change (a slave starts
 //! failing, fails in a different way, answers again), not once per poll.
@@ -47,7 +51,8 @@ pub fn frame_gap(baud: u32) -> Duration {
 pub enum Failure {
     /// No (complete) answer within the slave's timeout.
     Timeout,
-    /// The slave answered with a Modbus exception (e.g. illegal data address).
+    /// The slave answered a read with a Modbus exception (e.g. illegal data address).
+    /// As a poll's outcome: it refused every read.
     Exception,
     /// An answer that is not the one asked for: another unit id, another function,
     /// or the wrong number of registers (a late answer to an earlier request).
@@ -67,6 +72,20 @@ impl Failure {
             Failure::Decode => "decode",
             Failure::Io => "io",
         }
+    }
+}
+
+/// How a poll whose reads all got a reply went, for [`Schedule::record`], from how
+/// many fields its reading holds and how many of its reads were answered (not
+/// refused with an exception): answered if the reading holds any field. Otherwise it
+/// failed with [`Failure::Exception`] if every read was refused (the slave is alive
+/// but gives nothing), or with [`Failure::Decode`] if no value it sent could be
+/// decoded.
+pub fn outcome(fields: usize, reads_answered: usize) -> Result<(), Failure> {
+    match (fields, reads_answered) {
+        (1.., _) => Ok(()),
+        (0, 0) => Err(Failure::Exception),
+        (0, _) => Err(Failure::Decode),
     }
 }
 
@@ -372,5 +391,28 @@ mod tests {
         assert_eq!(s.record(7, Ok(()), t0), None);
         assert_eq!(s.interval(7), Duration::ZERO);
         assert_eq!(Schedule::new([], 60_000 * MS, t0).next(), None);
+    }
+
+    #[test]
+    fn a_poll_is_answered_if_its_reading_holds_any_field_even_with_reads_refused() {
+        assert_eq!(outcome(3, 2), Ok(()));
+        assert_eq!(outcome(1, 1), Ok(()), "the other reads were refused");
+        assert_eq!(outcome(0, 0), Err(Failure::Exception), "every read refused");
+        assert_eq!(outcome(0, 1), Err(Failure::Decode), "nothing decodable");
+    }
+
+    #[test]
+    fn a_slave_that_refuses_every_read_keeps_its_own_interval_and_is_reported_once() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new([200 * MS], 60_000 * MS, t0);
+        let mut changes = Vec::new();
+        let mut due = t0;
+        for _ in 0..5 {
+            changes.push(s.record(0, Err(Failure::Exception), due + 30 * MS));
+            due += 200 * MS;
+            assert_eq!(s.next(), Some((0, due)));
+        }
+        assert_eq!(changes[0], Some(Change::Failing(Failure::Exception)));
+        assert!(changes[1..].iter().all(Option::is_none), "{changes:?}");
     }
 }
