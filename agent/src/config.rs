@@ -471,11 +471,25 @@ fn validate_files(config: &Config, config_path: &Path) -> Vec<Problem> {
             );
         }
     }
+    for (i, s) in config.source.mqtt.iter().enumerate() {
+        for (what, p) in s.tls.iter().flat_map(|t| t.files()) {
+            readable(
+                p,
+                problem!(["source", "mqtt", i, "tls"], "cannot read tls {what} "),
+            );
+        }
+    }
     for (i, s) in config.sink.http.iter().enumerate() {
         if let Some(a) = &s.auth {
             readable(
                 &a.bearer_file,
                 problem!(["sink", "http", i, "auth"], "cannot read bearer_file "),
+            );
+        }
+        for (what, p) in s.tls.iter().flat_map(|t| t.files()) {
+            readable(
+                p,
+                problem!(["sink", "http", i, "tls"], "cannot read tls {what} "),
             );
         }
     }

@@ -36,3 +36,4 @@ pub mod rules;
 pub mod serial;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -139,7 +139,7 @@ pub async fn run(
     let mut sinks = Vec::new();
     for s in &cfg.sink.http {
         let bearer = s.auth.as_ref().map(|a| loaded.resolve(&a.bearer_file));
-        sinks.push(Sink::Http(HttpSink::new(s, bearer)?));
+        sinks.push(Sink::Http(HttpSink::new(s, bearer, |p| loaded.resolve(p))?));
     }
     for s in &cfg.sink.console {
         sinks.push(Sink::Console(ConsoleSink::new(s)));
@@ -183,7 +183,15 @@ pub async fn run(
             max_payload: s.max_payload.0 as usize,
             time_field: s.time_field.clone(),
         };
+        let tls =
+            crate::tls::client_config(s.tls.as_ref(), |p| loaded.resolve(p)).map_err(|e| {
+                StartError::Source {
+                    source_name: s.name.clone(),
+                    message: format!("tls: {e}"),
+                }
+            })?;
         let source = MqttSource {
+            tls: Some(tls),
             client_id: s
                 .client_id
                 .clone()

@@ -1,7 +1,7 @@
 //! The HTTP sink: CloudEvents over the HTTP binding, in binary, structured or
 //! batched mode, to any webhook, Knative broker or Event Grid style endpoint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use cloudevents::Event;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::{classify_status, cloudevent, Delivery};
 use crate::config::{problem, BackoffConfig, Dur, Problem};
+use crate::tls::TlsConfig;
 
 /// `[[sink.http]]`
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +39,9 @@ pub struct HttpSinkConfig {
     /// Optional credentials.
     #[serde(default)]
     pub auth: Option<HttpAuth>,
+    /// For `https://`: a private CA to trust and a client certificate to present.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Retry backoff bounds. Default `{ min = "200ms", max = "30s" }`.
     #[serde(default = "default_retry")]
     pub retry: BackoffConfig,
@@ -79,6 +83,22 @@ fn default_retry() -> BackoffConfig {
 impl HttpSinkConfig {
     pub fn validate(&self, i: usize) -> Vec<Problem> {
         let mut out = Vec::new();
+        if let Some(tls) = &self.tls {
+            if url::Url::parse(&self.url).is_ok_and(|u| u.scheme() != "https") {
+                out.push(problem!(
+                    ["sink", "http", i, "tls"],
+                    "sink {:?}: tls settings need an https:// url",
+                    self.name
+                ));
+            }
+            if let Err(e) = tls.check() {
+                out.push(problem!(
+                    ["sink", "http", i, "tls"],
+                    "sink {:?}: {e}",
+                    self.name
+                ));
+            }
+        }
         match url::Url::parse(&self.url) {
             Ok(u) if !u.username().is_empty() || u.password().is_some() => out.push(problem!(
                 ["sink", "http", i, "url"],
@@ -143,6 +163,11 @@ pub enum HttpSinkError {
         sink: String,
         source: reqwest::Error,
     },
+    #[error("sink {sink:?}: tls")]
+    Tls {
+        sink: String,
+        source: crate::tls::TlsError,
+    },
 }
 
 pub struct HttpSink {
@@ -158,7 +183,12 @@ pub struct HttpSink {
 
 impl HttpSink {
     /// Builds the sink; `bearer` is the token file's path already resolved.
-    pub fn new(cfg: &HttpSinkConfig, bearer: Option<PathBuf>) -> Result<Self, HttpSinkError> {
+    /// `bearer`: the token file, resolved; `resolve` resolves the `tls` files.
+    pub fn new(
+        cfg: &HttpSinkConfig,
+        bearer: Option<PathBuf>,
+        resolve: impl Fn(&Path) -> PathBuf,
+    ) -> Result<Self, HttpSinkError> {
         let auth =
             match bearer {
                 None => None,
@@ -177,16 +207,27 @@ impl HttpSink {
                     Some(v)
                 }
             };
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(cfg.timeout.0)
             .connect_timeout(cfg.timeout.0)
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|source| HttpSinkError::Client {
-                sink: cfg.name.clone(),
-                source,
-            })?;
+            .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")));
+        if let Some(tls) = &cfg.tls {
+            let mut rustls = tls
+                .client_config(resolve)
+                .map_err(|source| HttpSinkError::Tls {
+                    sink: cfg.name.clone(),
+                    source,
+                })?;
+            // reqwest uses a preconfigured TLS config as it is: offer HTTP/2 as its
+            // own would.
+            rustls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            builder = builder.use_preconfigured_tls(rustls);
+        }
+        let client = builder.build().map_err(|source| HttpSinkError::Client {
+            sink: cfg.name.clone(),
+            source,
+        })?;
         Ok(Self {
             name: cfg.name.clone(),
             max_in_flight: cfg.max_in_flight,

@@ -33,6 +33,7 @@ use super::{Ack, Input, Origin, Payload};
 use crate::backoff::Backoff;
 use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::decode::DeviceTemplate;
+use crate::tls::TlsConfig;
 
 /// `[[source.mqtt]]`
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +60,9 @@ pub struct MqttSourceConfig {
     /// File holding the password (trailing newline ignored). Needs `username`.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// For `mqtts://`: a private CA to trust and a client certificate to present.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Where the device id comes from: `{topic.N}` (N-th topic segment, from 0),
     /// `{payload.field}` (a field of the JSON payload, dots for nesting), mixed with
     /// literal text. Default `{topic.1}` (`sensors/<device>/...`).
@@ -162,6 +166,17 @@ impl MqttSourceConfig {
                 "source {n:?}: qos must be 0 or 1"
             ));
         }
+        if let Some(tls) = &self.tls {
+            if self.broker().is_ok_and(|b| !b.tls) {
+                out.push(problem!(
+                    ["source", "mqtt", i, "tls"],
+                    "source {n:?}: tls settings need an mqtts:// url"
+                ));
+            }
+            if let Err(e) = tls.check() {
+                out.push(problem!(["source", "mqtt", i, "tls"], "source {n:?}: {e}"));
+            }
+        }
         if let Err(e) = DeviceTemplate::parse(&self.device) {
             out.push(problem!(
                 ["source", "mqtt", i, "device"],
@@ -222,6 +237,8 @@ pub struct MqttSource {
     pub cfg: MqttSourceConfig,
     pub client_id: String,
     pub password: Option<String>,
+    /// For `mqtts://`: built at start from `cfg.tls` (files read then).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub origin: Arc<Origin>,
 }
 
@@ -239,14 +256,11 @@ impl MqttSource {
             o.set_credentials(user, self.password.clone().unwrap_or_default());
         }
         if broker.tls {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            let tls = rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls),
-            )));
+            let tls = self
+                .tls
+                .clone()
+                .ok_or("mqtts:// without a TLS config (built at start)")?;
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         }
         Ok(o)
     }
