@@ -32,6 +32,8 @@ fn readings_are_buffered_while_upstream_is_down_and_delivered_in_order_after() {
     let m = agent.wait_for_metric("ferry_input_received_total", &[("source", "local")], 30.0);
     assert_eq!(m.value("ferry_sink_sent_total", &[("sink", "cloud")]), 0.0);
     agent.wait_for_metric("ferry_sink_errors_total", &[("sink", "cloud")], 1.0);
+    // The lag an operator alerts on grows while nothing is delivered.
+    agent.wait_for_metric("ferry_sink_lag_records", &[("sink", "cloud")], 30.0);
 
     // -- Phase 2: the upstream answers 503. --
     let receiver = Receiver::on_port_failing(upstream_port, 503);

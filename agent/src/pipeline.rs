@@ -123,6 +123,9 @@ pub async fn run(
         })?)
     };
 
+    // The gauges from the start: a backlog left by the last run shows before any input.
+    crate::telemetry::backlog_gauges(store.as_ref(), &sink_names);
+
     let mut rules = rules;
     match store.rules_state() {
         Ok(Some(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
@@ -251,6 +254,7 @@ pub async fn run(
         head: head_tx,
         log_limit: RateLimit::new(10, Duration::from_secs(60)),
         origins: source_uris(cfg, &agent_id),
+        sinks: sink_names.clone(),
         actuators: Actuators {
             // Without an MQTT source to publish through, publishes are counted and dropped.
             mqtt: actions_rx.is_none().then_some(actions_tx),
@@ -343,6 +347,8 @@ struct Committer {
     origins: HashMap<String, String>,
     /// Where rule actions go.
     actuators: Actuators,
+    /// The sinks' names, for their lag gauges.
+    sinks: Vec<String>,
     /// Rule bookkeeping changed since the state was last saved.
     progress_unsaved: bool,
     last_state_save: Instant,
@@ -572,7 +578,7 @@ impl Committer {
                     }
                     self.head
                         .send_replace(appended.first + records.len() as u64);
-                    crate::telemetry::store_gauges(&self.store.stats());
+                    crate::telemetry::backlog_gauges(self.store.as_ref(), &self.sinks);
                     return true;
                 }
                 Err(error) => {

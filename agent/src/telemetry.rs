@@ -26,6 +26,10 @@ pub fn init_logs(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // When stderr cannot be written (its reader gone, a full disk), a log line is
+        // lost, but the default would report that with eprintln!, which panics and
+        // kills whichever task was logging: a signal handler, a source.
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
@@ -57,6 +61,20 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<(), MetricsError> {
 pub fn store_gauges(stats: &crate::store::Stats) {
     metrics::gauge!("ferry_store_records").set(stats.records as f64);
     metrics::gauge!("ferry_store_bytes").set(stats.bytes as f64);
+}
+
+/// Publishes the store gauges and every sink's lag (records committed but not yet
+/// delivered). Called at start and after each commit, so the lag grows while an
+/// upstream is down, when no sink advances, which is when an alert on it matters.
+pub fn backlog_gauges(store: &dyn crate::store::Store, sinks: &[String]) {
+    let stats = store.stats();
+    store_gauges(&stats);
+    for sink in sinks {
+        if let Ok(cursor) = store.cursor(sink) {
+            metrics::gauge!("ferry_sink_lag_records", "sink" => sink.clone())
+                .set(stats.next.saturating_sub(cursor) as f64);
+        }
+    }
 }
 
 fn describe() {
