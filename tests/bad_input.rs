@@ -1,6 +1,6 @@
 //! Bad input (malformed JSON, JSON that is not an object, a payload over
 //! `max_payload`) is counted by reason and logged; it never stops the agent nor the
-//! good readings that follow it.
+//! good readings that follow it. Nor does a log pipe whose reader went away.
 
 mod support;
 
@@ -117,4 +117,41 @@ fn bad_payloads_are_counted_and_logged_and_good_readings_still_arrive() {
     receiver.wait_for_reading("good", 4);
     agent.assert_running();
     assert!(agent.stop().success(), "ferry must exit 0 on SIGTERM");
+}
+
+#[test]
+fn a_log_pipe_whose_reader_is_gone_neither_kills_the_agent_nor_stops_its_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        "[agent]\nid = \"gw\"\ndata_dir = \"data\"\n\n\
+         [[source.simulator]]\nname = \"demo\"\ninterval = \"50ms\"\n\n\
+         [[sink.console]]\nname = \"out\"\n",
+    )
+    .unwrap();
+    let mut child = ferry()
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the first line, then close the pipe: every later log line fails to write.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut first).unwrap();
+    drop(stderr);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "the agent died");
+    signal(&child, libc::SIGTERM);
+    let status = wait_with_deadline(&mut child, std::time::Duration::from_secs(15));
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM must stop it: {status:?}"
+    );
 }

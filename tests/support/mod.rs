@@ -79,7 +79,7 @@ pub fn signal(child: &Child, sig: libc::c_int) {
 }
 
 /// Waits for a child to exit within `deadline`; `None` if it is still running.
-fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
+pub fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
