@@ -176,6 +176,72 @@ fn an_unplugged_port_is_reopened_and_another_port_keeps_flowing_meanwhile() {
     assert!(agent.stop().success());
 }
 
+/// A tank level sensor (CSV `id,level`) on one port and a valve controller on
+/// another, which `rules` write to; `write` is the valve port's `write` table.
+struct Tanks {
+    _dir: tempfile::TempDir,
+    tank: Cable,
+    valves: Cable,
+    receiver: Receiver,
+    agent: Agent,
+}
+
+impl Tanks {
+    fn start(write: &str, rules: &str) -> Tanks {
+        let dir = tempfile::tempdir().unwrap();
+        let tank = Cable::plug(dir.path(), "tank");
+        let valves = Cable::plug(dir.path(), "valves");
+        let receiver = Receiver::start();
+        let valve_settings = format!("format = \"kv\"\nwrite = {write}");
+        let config = config_with(
+            &receiver,
+            free_port(),
+            &[
+                (
+                    "tank",
+                    &tank.port(),
+                    "format = \"csv\"\nfields = [\"id\", \"level\"]\ndevice = \"{payload.id}\"",
+                ),
+                ("valves", &valves.port(), &valve_settings),
+            ],
+        );
+        let mut agent = Agent::start(&config, &[("valves.toml", rules)]);
+        wait_until_open(&mut agent, 2);
+        Tanks {
+            _dir: dir,
+            tank,
+            valves,
+            receiver,
+            agent,
+        }
+    }
+
+    /// Unplugs the valve controller and waits until the agent has noticed.
+    fn unplug_valves(&mut self) {
+        self.valves.unplug();
+        self.agent
+            .eventually("the agent to notice the unplug", |a| {
+                if a.stderr_contains("serial port lost") {
+                    Ok(())
+                } else {
+                    Err("not yet".to_string())
+                }
+            });
+    }
+
+    /// Waits until the valve controller has heard exactly `expected`.
+    fn wait_for_heard(&mut self, heard: &Heard, what: &str, expected: &str) {
+        self.agent.eventually(what, |_| {
+            let text = heard.text();
+            if text == expected {
+                Ok(())
+            } else {
+                Err(format!("heard {text:?}"))
+            }
+        });
+    }
+}
+
 /// An NMEA sentence with its checksum.
 fn nmea(body: &str) -> String {
     let sum = body.bytes().fold(0u8, |acc, b| acc ^ b);
@@ -260,26 +326,6 @@ fn json_kv_and_nmea_lines_arrive_as_readings_with_numbers_and_bad_ones_are_count
 
 #[test]
 fn a_rule_action_writes_lines_to_a_serial_port_and_holds_them_while_it_is_unplugged() {
-    let dir = tempfile::tempdir().unwrap();
-    let tank = Cable::plug(dir.path(), "tank");
-    let mut valves = Cable::plug(dir.path(), "valves");
-    let receiver = Receiver::start();
-    let config = config_with(
-        &receiver,
-        free_port(),
-        &[
-            (
-                "tank",
-                &tank.port(),
-                "format = \"csv\"\nfields = [\"id\", \"level\"]\ndevice = \"{payload.id}\"",
-            ),
-            (
-                "valves",
-                &valves.port(),
-                "format = \"kv\"\nwrite = { line_ending = \"crlf\" }",
-            ),
-        ],
-    );
     let rules = r#"
 [[rule]]
 id = "tank-full"
@@ -287,49 +333,30 @@ when = "level > 90"
 clear_when = "level < 80"
 action.serial_write = { port = "valves", line = "CLOSE {device}", clear_line = "OPEN {device}" }
 "#;
-    let mut agent = Agent::start(&config, &[("valves.toml", rules)]);
-    wait_until_open(&mut agent, 2);
-    let heard = valves.listen();
-
-    tank.send(b"tank-1,95\n");
-    agent.eventually("the valve to be closed", |_| {
-        let text = heard.text();
-        if text == "CLOSE tank-1\r\n" {
-            Ok(())
-        } else {
-            Err(format!("heard {text:?}"))
-        }
-    });
+    let mut t = Tanks::start("{ line_ending = \"crlf\" }", rules);
+    let heard = t.valves.listen();
+    t.tank.send(b"tank-1,95\n");
+    t.wait_for_heard(&heard, "the valve to be closed", "CLOSE tank-1\r\n");
 
     // The valve controller goes away; the next command waits for it.
-    valves.unplug();
-    agent.eventually("the agent to notice the unplug", |a| {
-        if a.stderr_contains("serial port lost") {
-            Ok(())
-        } else {
-            Err("not yet".to_string())
-        }
-    });
-    tank.send(b"tank-1,70\n");
-    wait_for(&mut agent, &receiver, "tank-1", 2);
-    valves.replug();
-    let heard = valves.listen();
-    agent.eventually("the held command after the replug", |_| {
-        let text = heard.text();
-        if text == "OPEN tank-1\r\n" {
-            Ok(())
-        } else {
-            Err(format!("heard {text:?}"))
-        }
-    });
-    let m = agent.metrics();
+    t.unplug_valves();
+    t.tank.send(b"tank-1,70\n");
+    wait_for(&mut t.agent, &t.receiver, "tank-1", 2);
+    t.valves.replug();
+    let heard = t.valves.listen();
+    t.wait_for_heard(
+        &heard,
+        "the held command after the replug",
+        "OPEN tank-1\r\n",
+    );
+    let m = t.agent.metrics();
     assert_eq!(
         m.value("ferry_actions_sent_total", &[("rule", "tank-full")]),
         2.0,
         "{}",
         m.ferry_lines()
     );
-    assert!(agent.stop().success());
+    assert!(t.agent.stop().success());
 }
 
 #[test]
@@ -409,60 +436,29 @@ fn a_port_absent_at_start_and_a_port_flooding_garbage_delay_neither_other_ports_
 
 #[test]
 fn a_fresh_command_displaces_stale_ones_queued_while_the_port_was_away() {
-    let dir = tempfile::tempdir().unwrap();
-    let tank = Cable::plug(dir.path(), "tank");
-    let mut valves = Cable::plug(dir.path(), "valves");
-    let receiver = Receiver::start();
-    let config = config_with(
-        &receiver,
-        free_port(),
-        &[
-            (
-                "tank",
-                &tank.port(),
-                "format = \"csv\"\nfields = [\"id\", \"level\"]\ndevice = \"{payload.id}\"",
-            ),
-            (
-                "valves",
-                &valves.port(),
-                "format = \"kv\"\nwrite = { queue = 2, max_age = \"3s\" }",
-            ),
-        ],
-    );
     let rules = r#"
 [[rule]]
 id = "tank-full"
 when = "level > 90"
 action.serial_write = { port = "valves", line = "CLOSE {device}" }
 "#;
-    let mut agent = Agent::start(&config, &[("valves.toml", rules)]);
-    wait_until_open(&mut agent, 2);
-    valves.unplug();
-    agent.eventually("the agent to notice the unplug", |a| {
-        if a.stderr_contains("serial port lost") {
-            Ok(())
-        } else {
-            Err("not yet".to_string())
-        }
-    });
+    let mut t = Tanks::start("{ queue = 2, max_age = \"3s\" }", rules);
+    t.unplug_valves();
 
     // Two commands wait until they are stale; a third finds the queue full.
-    tank.send(b"tank-1,95\ntank-2,95\n");
-    wait_for(&mut agent, &receiver, "tank-2", 1);
+    t.tank.send(b"tank-1,95\ntank-2,95\n");
+    wait_for(&mut t.agent, &t.receiver, "tank-2", 1);
     std::thread::sleep(std::time::Duration::from_millis(3500));
-    tank.send(b"tank-3,95\n");
-    wait_for(&mut agent, &receiver, "tank-3", 1);
-    valves.replug();
-    let heard = valves.listen();
-    agent.eventually("the fresh command after the replug", |_| {
-        let text = heard.text();
-        if text == "CLOSE tank-3\n" {
-            Ok(())
-        } else {
-            Err(format!("heard {text:?}"))
-        }
-    });
-    let m = agent.metrics();
+    t.tank.send(b"tank-3,95\n");
+    wait_for(&mut t.agent, &t.receiver, "tank-3", 1);
+    t.valves.replug();
+    let heard = t.valves.listen();
+    t.wait_for_heard(
+        &heard,
+        "the fresh command after the replug",
+        "CLOSE tank-3\n",
+    );
+    let m = t.agent.metrics();
     for reason in ["queue_full", "expired"] {
         assert_eq!(
             m.value("ferry_actions_dropped_total", &[("reason", reason)]),
@@ -471,5 +467,5 @@ action.serial_write = { port = "valves", line = "CLOSE {device}" }
             m.ferry_lines()
         );
     }
-    assert!(agent.stop().success());
+    assert!(t.agent.stop().success());
 }
