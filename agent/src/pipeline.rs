@@ -194,7 +194,7 @@ pub async fn run(
                 }
             })?;
         let source = MqttSource {
-            tls: Some(tls),
+            tls,
             client_id: s
                 .client_id
                 .clone()

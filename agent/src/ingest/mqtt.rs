@@ -237,8 +237,8 @@ pub struct MqttSource {
     pub cfg: MqttSourceConfig,
     pub client_id: String,
     pub password: Option<String>,
-    /// For `mqtts://`: built at start from `cfg.tls` (files read then).
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Used for `mqtts://`: built at start from `cfg.tls` (files read then).
+    pub tls: Arc<rustls::ClientConfig>,
     pub origin: Arc<Origin>,
 }
 
@@ -256,11 +256,9 @@ impl MqttSource {
             o.set_credentials(user, self.password.clone().unwrap_or_default());
         }
         if broker.tls {
-            let tls = self
-                .tls
-                .clone()
-                .ok_or("mqtts:// without a TLS config (built at start)")?;
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::clone(&self.tls),
+            )));
         }
         Ok(o)
     }
