@@ -60,6 +60,24 @@ pub struct AgentConfig {
     /// `/var/lib/ferry`.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// How far ahead of the agent's clock a reading's own time may be before it is
+    /// distrusted: such a reading gets its receive time, and the time it carried is
+    /// kept in its `reported_time` field. Default 1d.
+    #[serde(default = "default_max_time_ahead")]
+    pub max_time_ahead: Dur,
+    /// Likewise for a reading time behind the agent's clock (a device whose clock
+    /// was never set says 1970). Default 30d, so readings a device buffered through
+    /// a long outage keep their own times.
+    #[serde(default = "default_max_time_behind")]
+    pub max_time_behind: Dur,
+}
+
+fn default_max_time_ahead() -> Dur {
+    Dur(Duration::from_secs(24 * 3600))
+}
+
+fn default_max_time_behind() -> Dur {
+    Dur(Duration::from_secs(30 * 24 * 3600))
 }
 
 /// `[admin]`

@@ -32,10 +32,12 @@ use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{BackoffConfig, Loaded};
-use crate::decode::{self, DecodeConfig, DecodeError, DeviceTemplate, Reading};
+use crate::decode::{self, Clock, DecodeConfig, DecodeError, DeviceTemplate, Reading};
 use crate::forward::{self, console::ConsoleSink, http::HttpSink, Sink};
 use crate::ingest::serial::{SerialSource, WriteQueue};
-use crate::ingest::{modbus::ModbusSource, mqtt::MqttSource, simulator, Input, Origin, Payload};
+use crate::ingest::{
+    modbus::ModbusSource, mqtt::MqttSource, simulator, Admitted, Inlet, Origin, Payload,
+};
 use crate::ratelimit::RateLimit;
 use crate::store::{sled::SledStore, Record, Store, StoreError};
 
@@ -43,6 +45,9 @@ use crate::store::{sled::SledStore, Record, Store, StoreError};
 const CHANNEL: usize = 4096;
 /// Most inputs committed in one store transaction.
 const BATCH: usize = 1024;
+/// Payload bytes waiting for the commit task, at most (about): with `CHANNEL`, it
+/// bounds the memory input can take, whatever the payloads' sizes.
+const INPUT_BYTES: usize = 8 * 1024 * 1024;
 /// Rule actions waiting for the MQTT connection that carries them.
 const ACTIONS: usize = 1024;
 /// How often time-driven rules (stale sensors, aggregate windows) are evaluated.
@@ -50,6 +55,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// How often rule bookkeeping that is not an alert transition is saved.
 const SAVE_PROGRESS_EVERY: Duration = Duration::from_secs(10);
 pub const READING_TYPE: &str = "io.ferry.reading";
+/// Devices whose wrong clock is logged by name; past that, at the shared rate limit.
+const CLOCK_LOGGED_DEVICES: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -148,7 +155,7 @@ pub async fn run(
         sinks.push(Sink::Console(ConsoleSink::new(s)));
     }
 
-    let (tx, rx) = mpsc::channel::<Input>(CHANNEL);
+    let (tx, rx) = Inlet::channel(CHANNEL, INPUT_BYTES);
     // Rule actions (MQTT publishes) go out through one MQTT source's connection.
     let actuator_name = cfg
         .rules
@@ -262,6 +269,11 @@ pub async fn run(
         },
         progress_unsaved: false,
         last_state_save: Instant::now(),
+        clock: ClockCheck {
+            ahead: time_delta(cfg.agent.max_time_ahead.0),
+            behind: time_delta(cfg.agent.max_time_behind.0),
+            logged: Default::default(),
+        },
     };
     let commit_task = tokio::spawn(commit.run(rx, reload_rx, shutdown.clone()));
 
@@ -291,6 +303,11 @@ pub async fn run(
         "stopped; buffered records are kept for the next start"
     );
     Ok(())
+}
+
+/// A config duration as a chrono one; one too long for chrono means "no bound".
+fn time_delta(d: Duration) -> chrono::TimeDelta {
+    chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
 }
 
 /// `source name -> CloudEvents source URI`, for events that time-driven rules raise
@@ -352,12 +369,20 @@ struct Committer {
     /// Rule bookkeeping changed since the state was last saved.
     progress_unsaved: bool,
     last_state_save: Instant,
+    clock: ClockCheck,
+}
+
+/// How far readings' own times are trusted, and the devices already logged for it.
+struct ClockCheck {
+    ahead: chrono::TimeDelta,
+    behind: chrono::TimeDelta,
+    logged: std::collections::HashSet<String>,
 }
 
 impl Committer {
     async fn run(
         mut self,
-        mut rx: mpsc::Receiver<Input>,
+        mut rx: mpsc::Receiver<Admitted>,
         mut reloads: mpsc::Receiver<RuleSet>,
         shutdown: CancellationToken,
     ) {
@@ -372,7 +397,7 @@ impl Committer {
                         self.save_progress_at_exit().await;
                         return;
                     }
-                    for input in inputs.drain(..) {
+                    for Admitted { input, .. } in inputs.drain(..) {
                         self.process(&input.origin, input.payload, input.received, &mut batch);
                         batch.acks.extend(input.ack);
                     }
@@ -455,12 +480,18 @@ impl Committer {
         received: chrono::DateTime<chrono::Utc>,
         batch: &mut Batch,
     ) {
-        let reading = match payload {
-            Payload::Fields { device, fields } => Reading {
-                device,
-                time: received,
-                fields,
-            },
+        let mut reading = match payload {
+            Payload::Fields { device, fields } => {
+                let reading = Reading {
+                    device,
+                    time: received,
+                    fields,
+                };
+                if let Err(e) = decode::check_reading(&reading) {
+                    return self.rejected(origin, "", &e);
+                }
+                reading
+            }
             Payload::Raw { topic, bytes } => {
                 let decoded = match &origin.decode {
                     Some(cfg) => decode::decode_json(cfg, &topic, &bytes, received),
@@ -472,6 +503,10 @@ impl Committer {
                 }
             }
         };
+        let clock = decode::bound_time(&mut reading, received, self.clock.ahead, self.clock.behind);
+        if clock != Clock::Trusted {
+            self.clock_skew(origin, &reading, clock);
+        }
         let outcome = self.rules.evaluate(&ferry_rules::Reading {
             source: &origin.name,
             device: &reading.device,
@@ -533,6 +568,30 @@ impl Committer {
             batch.records.push(Record::alert(a, source));
         }
         batch.actions.extend(outcome.actions);
+    }
+
+    /// Counts a distrusted reading time; logs it once per device (for the first
+    /// [`CLOCK_LOGGED_DEVICES`] devices, then at the shared rate limit).
+    fn clock_skew(&mut self, origin: &Origin, reading: &Reading, clock: Clock) {
+        metrics::counter!("ferry_input_clock_skew_total", "source" => origin.name.clone(), "direction" => clock.direction()).increment(1);
+        let first_time = self.clock.logged.len() < CLOCK_LOGGED_DEVICES
+            && self.clock.logged.insert(reading.device.clone());
+        let suppressed = if first_time {
+            Some(0)
+        } else if self.clock.logged.contains(&reading.device) {
+            None
+        } else {
+            self.log_limit.check(Instant::now())
+        };
+        if let Some(suppressed) = suppressed {
+            let reported = reading
+                .fields
+                .get(decode::REPORTED_TIME_FIELD)
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            warn!(source = %origin.name, device = %reading.device, %reported, direction = clock.direction(), suppressed,
+                "reading time is too far from the agent's clock; using the receive time (logged once per device)");
+        }
     }
 
     fn rejected(&mut self, origin: &Origin, topic: &str, e: &DecodeError) {

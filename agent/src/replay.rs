@@ -157,6 +157,7 @@ pub fn as_cloudevent(a: &Alert, seq: u64) -> Option<String> {
     let stored = Stored {
         seq,
         record: Record::alert(a.clone(), format!("/ferry/test/{source}")),
+        bytes: 0,
     };
     cloudevent::to_event("test", &stored)
         .ok()

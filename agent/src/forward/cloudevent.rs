@@ -118,6 +118,7 @@ mod tests {
                 ext: [("rule".to_string(), "freezer warm".to_string())].into(),
                 to: None,
             },
+            bytes: 0,
         }
     }
 

@@ -8,7 +8,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
 
 use super::{classify_status, cloudevent, Delivery};
-use crate::config::{problem, BackoffConfig, Dur, Problem};
+use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::tls::TlsConfig;
 
 /// `[[sink.http]]`
@@ -28,6 +28,12 @@ pub struct HttpSinkConfig {
     /// Events per request in `batch` mode. Default 100.
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,
+    /// Stored bytes of events per request in `batch` mode: a request closes at
+    /// `batch_max` events or at this many bytes, whichever comes first (an event
+    /// larger than it goes alone). With `max_in_flight` it bounds the memory a sink
+    /// holds, whatever the readings' sizes. Default 1MiB.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: Bytes,
     /// Requests in flight at once. 1 (the default) delivers in store order; more
     /// is faster over slow links but a retried request may land after a later one
     /// (the `sequence` extension lets a receiver reorder).
@@ -66,6 +72,9 @@ pub struct HttpAuth {
 
 fn default_batch_max() -> usize {
     100
+}
+fn default_batch_max_bytes() -> Bytes {
+    Bytes(1024 * 1024)
 }
 fn default_in_flight() -> usize {
     1
@@ -126,6 +135,13 @@ impl HttpSinkConfig {
                 self.name
             ));
         }
+        if !(1024..=64 * 1024 * 1024).contains(&self.batch_max_bytes.0) {
+            out.push(problem!(
+                ["sink", "http", i, "batch_max_bytes"],
+                "sink {:?}: batch_max_bytes must be between 1KiB and 64MiB",
+                self.name
+            ));
+        }
         if !(1..=64).contains(&self.max_in_flight) {
             out.push(problem!(
                 ["sink", "http", i, "max_in_flight"],
@@ -176,6 +192,8 @@ pub struct HttpSink {
     pub retry: BackoffConfig,
     mode: HttpMode,
     batch_max: usize,
+    /// Stored bytes per request; see [`HttpSinkConfig::batch_max_bytes`].
+    pub batch_max_bytes: usize,
     url: String,
     client: reqwest::Client,
     auth: Option<HeaderValue>,
@@ -234,6 +252,7 @@ impl HttpSink {
             retry: cfg.retry,
             mode: cfg.mode,
             batch_max: cfg.batch_max,
+            batch_max_bytes: usize::try_from(cfg.batch_max_bytes.0).unwrap_or(usize::MAX),
             url: cfg.url.clone(),
             client,
             auth,

@@ -105,6 +105,14 @@ impl Sink {
         }
     }
 
+    /// Stored bytes per request (at least one event goes, whatever its size).
+    fn bytes_per_request(&self) -> usize {
+        match self {
+            Sink::Http(s) => s.batch_max_bytes,
+            Sink::Console(_) => 1024 * 1024,
+        }
+    }
+
     fn max_in_flight(&self) -> usize {
         match self {
             Sink::Http(s) => s.max_in_flight,
@@ -156,6 +164,9 @@ async fn run_sink(
     let per_request = sink.per_request().max(1);
     let in_flight = sink.max_in_flight().max(1);
     let window = per_request * in_flight;
+    // Memory for one window is bounded by bytes too, whatever the events' sizes.
+    let bytes_per_request = sink.bytes_per_request().max(1);
+    let window_bytes = bytes_per_request.saturating_mul(in_flight);
     let mut failing = false;
     // One bad producer can make every event refused: keep the journal readable.
     let mut refusal_log = RateLimit::new(10, Duration::from_secs(60));
@@ -168,10 +179,22 @@ async fn run_sink(
     info!(sink = %name, cursor, "sink started");
 
     loop {
-        let batch = blocking(store, move |s| s.read(cursor, window)).await?;
-        let Some(last) = batch.last().map(|s| s.seq) else {
+        let read = blocking(store, move |s| s.read(cursor, window, window_bytes)).await?;
+        let batch = read.records;
+        if batch.is_empty() {
+            if read.next > cursor {
+                // Only records that could not be decoded (the store quarantined them).
+                cursor = read.next;
+                advance(store, &name, cursor).await?;
+                continue;
+            }
             // Nothing to send: wait for the pipeline to commit more.
             if *head.borrow_and_update() > cursor {
+                // Committed but not yet readable here: yield rather than spin.
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
                 continue;
             }
             tokio::select! {
@@ -179,16 +202,20 @@ async fn run_sink(
                 changed = head.changed() => if changed.is_err() { return Ok(()) },
             }
             continue;
-        };
+        }
         if let Some(first) = batch.first().filter(|f| f.seq > cursor) {
             debug!(sink = %name, from = cursor, to = first.seq, "records were dropped before this sink sent them");
         }
 
         let epoch = store.epoch().to_string();
         let mut events: Vec<(u64, Event)> = Vec::with_capacity(batch.len());
+        let mut sizes: Vec<usize> = Vec::with_capacity(batch.len());
         for stored in batch.iter().filter(|s| s.record.is_for(&name)) {
             match cloudevent::to_event(&epoch, stored) {
-                Ok(e) => events.push((stored.seq, e)),
+                Ok(e) => {
+                    events.push((stored.seq, e));
+                    sizes.push(stored.bytes);
+                }
                 Err(error) => {
                     warn!(sink = %name, %error, "dropping a record that is not a valid CloudEvent");
                     metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "invalid").increment(1);
@@ -199,10 +226,18 @@ async fn run_sink(
         // Send the window, then resend from the first failed request until all of it
         // is accepted or refused. A refused batch is resent one event at a time, so
         // one bad event costs only itself.
+        drop(batch);
         let mut pending: &[(u64, Event)] = &events;
+        let mut pending_sizes: &[usize] = &sizes;
         let mut chunk_size = per_request;
         while !pending.is_empty() {
-            let chunks: Vec<&[(u64, Event)]> = pending.chunks(chunk_size).take(in_flight).collect();
+            let mut chunks: Vec<&[(u64, Event)]> = Vec::with_capacity(in_flight);
+            let mut rest = pending;
+            for len in requests(pending_sizes, chunk_size, bytes_per_request, in_flight) {
+                let (chunk, after) = rest.split_at(len);
+                chunks.push(chunk);
+                rest = after;
+            }
             let sends = chunks.iter().map(|c| {
                 let evs: Vec<Event> = c.iter().map(|(_, e)| e.clone()).collect();
                 async move { sink.send(&evs).await }
@@ -224,6 +259,7 @@ async fn run_sink(
                 metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "rejected").increment(chunk.len() as u64);
             }
             pending = &pending[round.handled..];
+            pending_sizes = &pending_sizes[round.handled..];
             match round.next {
                 Next::Continue => {}
                 Next::SplitBatch { events, detail } => {
@@ -264,9 +300,36 @@ async fn run_sink(
             }
         }
         backoff.reset();
-        cursor = last + 1;
+        cursor = read.next;
         advance(store, &name, cursor).await?;
     }
+}
+
+/// How many events go in each of the next requests: at most `max_events` and
+/// `max_bytes` (by stored size) per request, and at least one, so an event larger
+/// than `max_bytes` goes alone; at most `max_requests` requests.
+pub fn requests(
+    sizes: &[usize],
+    max_events: usize,
+    max_bytes: usize,
+    max_requests: usize,
+) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut rest = sizes;
+    while !rest.is_empty() && out.len() < max_requests {
+        let mut len = 0;
+        let mut bytes = 0usize;
+        for &size in rest.iter().take(max_events.max(1)) {
+            if len > 0 && bytes.saturating_add(size) > max_bytes {
+                break;
+            }
+            len += 1;
+            bytes = bytes.saturating_add(size);
+        }
+        out.push(len);
+        rest = &rest[len..];
+    }
+    out
 }
 
 /// The outcome of one round of requests, read in order: the leading chunks that
@@ -416,6 +479,15 @@ mod tests {
         assert_eq!((r.handled, r.accepted), (5, 5));
         assert!(r.refused.is_empty());
         assert!(matches!(r.next, Next::SplitBatch { events: 5, .. }));
+    }
+
+    #[test]
+    fn requests_hold_at_most_the_event_count_and_bytes_and_a_big_event_goes_alone() {
+        assert_eq!(requests(&[10; 7], 3, 1000, 8), vec![3, 3, 1]);
+        assert_eq!(requests(&[400, 400, 400, 400], 10, 1000, 8), vec![2, 2]);
+        assert_eq!(requests(&[10, 5000, 10], 10, 1000, 8), vec![1, 1, 1]);
+        assert_eq!(requests(&[10; 9], 2, 1000, 2), vec![2, 2]);
+        assert!(requests(&[], 2, 1000, 2).is_empty());
     }
 
     #[test]

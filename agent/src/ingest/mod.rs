@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::decode::DecodeConfig;
 
@@ -66,4 +67,82 @@ pub enum Payload {
         device: String,
         fields: Map<String, Value>,
     },
+}
+
+impl Payload {
+    /// About how much memory the payload holds, for the input budget: exact for
+    /// raw bytes, an estimate from the top-level values for built readings.
+    fn size(&self) -> usize {
+        match self {
+            Payload::Raw { topic, bytes } => topic.len() + bytes.len(),
+            Payload::Fields { device, fields } => {
+                let values: usize = fields
+                    .iter()
+                    .map(|(k, v)| {
+                        k.len()
+                            + match v {
+                                Value::String(s) => s.len(),
+                                _ => 16,
+                            }
+                    })
+                    .sum();
+                device.len() + values
+            }
+        }
+    }
+}
+
+/// The sending end of the channel from the sources to the commit task, bounded in
+/// inputs and in bytes: an input waits for room in both, so a burst of large
+/// payloads holds back its sources (and so the broker) instead of growing memory.
+#[derive(Clone)]
+pub struct Inlet {
+    tx: mpsc::Sender<Admitted>,
+    bytes: Arc<Semaphore>,
+    max_bytes: usize,
+}
+
+/// An input with its share of the byte budget, given back when it is dropped
+/// (after the commit task has dealt with it).
+pub struct Admitted {
+    pub input: Input,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// The channel's receiving end was dropped: the pipeline is stopping.
+#[derive(Debug)]
+pub struct Closed;
+
+impl Inlet {
+    /// A channel of at most `inputs` inputs and about `max_bytes` of payloads.
+    pub fn channel(inputs: usize, max_bytes: usize) -> (Inlet, mpsc::Receiver<Admitted>) {
+        let (tx, rx) = mpsc::channel(inputs);
+        let max_bytes = max_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        let inlet = Inlet {
+            tx,
+            bytes: Arc::new(Semaphore::new(max_bytes)),
+            max_bytes,
+        };
+        (inlet, rx)
+    }
+
+    /// Sends `input` once there is room. An input larger than the whole budget
+    /// waits for all of it, so it still gets through, alone.
+    pub async fn send(&self, input: Input) -> Result<(), Closed> {
+        let want = input.payload.size().clamp(1, self.max_bytes);
+        // `want` is at most `max_bytes`, which fits the semaphore, so it fits u32
+        // whenever the semaphore's own maximum does; clamp anyway.
+        let want = u32::try_from(want).unwrap_or(u32::MAX);
+        let permit = Arc::clone(&self.bytes)
+            .acquire_many_owned(want)
+            .await
+            .map_err(|_| Closed)?;
+        self.tx
+            .send(Admitted {
+                input,
+                _bytes: permit,
+            })
+            .await
+            .map_err(|_| Closed)
+    }
 }

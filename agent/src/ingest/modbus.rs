@@ -48,7 +48,6 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::mpsc;
 use tokio_modbus::client::{rtu, Client, Context};
 use tokio_modbus::slave::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
@@ -57,7 +56,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::line::{FlowControl, Keeper, LineSettings, Parity};
-use super::{Input, Origin, Payload};
+use super::{Inlet, Input, Origin, Payload};
 use crate::config::{problem, BackoffConfig, Dur, Problem};
 use crate::modbus::schedule::LONGEST;
 use crate::modbus::{
@@ -303,7 +302,7 @@ enum Ended {
 
 impl ModbusSource {
     /// Runs until `cancel`: open the port, poll the slaves, reopen when the port fails.
-    pub async fn run(self, tx: mpsc::Sender<Input>, cancel: CancellationToken) {
+    pub async fn run(self, tx: Inlet, cancel: CancellationToken) {
         let name = self.cfg.name.clone();
         let path = self.cfg.path.display().to_string();
         let slaves = match self.cfg.slaves() {
@@ -376,7 +375,7 @@ struct Bus<'a> {
     gap: Duration,
     /// For the log lines of a read or field that keeps coming and going (see [`Gaps`]).
     log_limit: RateLimit,
-    tx: &'a mpsc::Sender<Input>,
+    tx: &'a Inlet,
     cancel: &'a CancellationToken,
 }
 
@@ -1148,7 +1147,7 @@ type = "f32"
     /// Runs `f` on a bus polling `slaves`, with nothing plugged in.
     fn on_bus<R>(slaves: &[SlaveSpec], f: impl FnOnce(&mut Bus) -> R) -> R {
         let origin = Origin::new("gw", "modbus", "plant", None);
-        let (tx, _rx) = mpsc::channel(8);
+        let (tx, _rx) = Inlet::channel(8, 1 << 20);
         let cancel = CancellationToken::new();
         let mut bus = Bus {
             name: "plant",

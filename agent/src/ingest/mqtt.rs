@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Ack, Input, Origin, Payload};
+use super::{Ack, Inlet, Input, Origin, Payload};
 use crate::backoff::Backoff;
 use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::decode::DeviceTemplate;
@@ -268,7 +268,7 @@ impl MqttSource {
     /// through this connection (local actuation: it needs no uplink).
     pub async fn run(
         self,
-        tx: mpsc::Sender<Input>,
+        tx: Inlet,
         mut actions: Option<mpsc::Receiver<Action>>,
         cancel: CancellationToken,
     ) {

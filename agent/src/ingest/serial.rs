@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::line::{FlowControl, Keeper, LineSettings, Parity};
-use super::{Input, Origin, Payload};
+use super::{Inlet, Input, Origin, Payload};
 use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::decode::{take_time, DeviceTemplate};
 use crate::ratelimit::RateLimit;
@@ -316,12 +316,7 @@ enum Ended {
 impl SerialSource {
     /// Runs until `cancel`: open, read, write the lines queued in `writes`, and
     /// reopen whenever the port goes away.
-    pub async fn run(
-        self,
-        tx: mpsc::Sender<Input>,
-        writes: Arc<WriteQueue>,
-        cancel: CancellationToken,
-    ) {
+    pub async fn run(self, tx: Inlet, writes: Arc<WriteQueue>, cancel: CancellationToken) {
         let name = self.cfg.name.clone();
         let path = self.cfg.path.display().to_string();
         let (format, template) = match (self.cfg.format_config(), self.cfg.device_template()) {
@@ -397,7 +392,7 @@ struct Session<'a> {
 /// What a port session reads into and writes from; kept across sessions.
 struct Io<'a> {
     framer: &'a mut Framer,
-    tx: &'a mpsc::Sender<Input>,
+    tx: &'a Inlet,
     writes: &'a WriteQueue,
     log_limit: &'a mut RateLimit,
     /// Set once a byte was read or a line written in this session.

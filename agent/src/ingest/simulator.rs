@@ -8,11 +8,10 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{Input, Origin, Payload};
+use super::{Inlet, Input, Origin, Payload};
 use crate::config::{problem, Dur, Problem};
 
 /// `[[source.simulator]]`
@@ -73,12 +72,7 @@ pub fn reading(d: u32, n: u64) -> Map<String, Value> {
     m
 }
 
-pub async fn run(
-    cfg: SimulatorConfig,
-    origin: Arc<Origin>,
-    tx: mpsc::Sender<Input>,
-    cancel: CancellationToken,
-) {
+pub async fn run(cfg: SimulatorConfig, origin: Arc<Origin>, tx: Inlet, cancel: CancellationToken) {
     info!(source = %cfg.name, devices = cfg.devices, interval = %cfg.interval, "simulator started");
     let mut tick = tokio::time::interval(cfg.interval.0);
     let mut n = 0u64;

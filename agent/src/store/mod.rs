@@ -132,6 +132,20 @@ impl Record {
 pub struct Stored {
     pub seq: u64,
     pub record: Record,
+    /// Its size as stored, for byte budgets.
+    pub bytes: usize,
+}
+
+/// What one [`Store::read`] found.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Read {
+    /// The records, in order.
+    pub records: Vec<Stored>,
+    /// The sequence after the last one looked at, records that could not be
+    /// decoded (and were quarantined) included: a sink that is done with `records`
+    /// moves its cursor here, so an unreadable record never holds it. Equal to the
+    /// `from` of the read when nothing was there.
+    pub next: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,8 +193,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Appended, StoreError>;
     /// The rule state saved by the last `append` that carried one.
     fn rules_state(&self) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Up to `max` records from sequence `from` on, in order.
-    fn read(&self, from: u64, max: usize) -> Result<Vec<Stored>, StoreError>;
+    /// Up to `max` records from sequence `from` on, in order, stopping after the
+    /// record that reaches `max_bytes` (at least one record is returned, whatever
+    /// its size). A record that cannot be decoded is moved out of the way
+    /// (quarantined), counted and logged once, and read past.
+    fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Read, StoreError>;
     /// The sink's cursor: the next sequence it needs.
     fn cursor(&self, sink: &str) -> Result<u64, StoreError>;
     /// Moves the sink's cursor to `to` and removes records every sink has passed.

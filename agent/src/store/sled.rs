@@ -16,10 +16,11 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tracing::{info, warn};
+use tracing::{error, info};
 
 use super::{
-    overflow, trim_point, Appended, Record, Stats, Store, StoreConfig, StoreError, Stored, WhenFull,
+    overflow, trim_point, Appended, Read, Record, Stats, Store, StoreConfig, StoreError, Stored,
+    WhenFull,
 };
 
 const NEXT: &[u8] = b"m:next";
@@ -51,6 +52,8 @@ fn backend(e: sled::Error) -> StoreError {
 
 pub struct SledStore {
     db: sled::Db,
+    /// Records that could not be decoded, by sequence (see [`SledStore::quarantine`]).
+    quarantined: sled::Tree,
     epoch: String,
     when_full: WhenFull,
     max_bytes: u64,
@@ -143,8 +146,10 @@ impl SledStore {
             next = stats.next,
             "store opened"
         );
+        let quarantined = db.open_tree(QUARANTINE).map_err(backend)?;
         let store = Self {
             db,
+            quarantined,
             epoch,
             when_full: cfg.when_full,
             max_bytes: cfg.max_bytes.0,
@@ -193,6 +198,59 @@ impl SledStore {
         st.stats.records -= n;
         st.stats.bytes -= freed;
         Ok((n, freed))
+    }
+}
+
+/// The sled tree that keeps records that could not be decoded, by sequence.
+const QUARANTINE: &str = "quarantine";
+/// Quarantined records kept; older ones go first. Enough to look into what went
+/// wrong, never enough to fill the disk.
+const QUARANTINE_KEEP: usize = 100;
+
+impl SledStore {
+    /// Moves records that cannot be decoded out of the event range, so they are
+    /// counted and logged once, and no sink reads them again (nor after a restart).
+    /// They are kept in the quarantine tree for inspection, the newest
+    /// [`QUARANTINE_KEEP`] of them.
+    fn quarantine(
+        &self,
+        records: Vec<(u64, sled::IVec, serde_json::Error)>,
+    ) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let tree = &self.quarantined;
+        let mut batch = sled::Batch::default();
+        let mut moved = Vec::new();
+        for (seq, bytes, error) in records {
+            // Another sink may have moved it already.
+            if self.db.get(event_key(seq)).map_err(backend)?.is_none() {
+                continue;
+            }
+            error!(seq, bytes = bytes.len(), %error, "a stored record cannot be decoded; quarantined it and moving on");
+            tree.insert(event_key(seq), bytes.clone())
+                .map_err(backend)?;
+            batch.remove(&event_key(seq));
+            moved.push((seq, bytes.len() as u64));
+        }
+        self.db.apply_batch(batch).map_err(backend)?;
+        while tree.len() > QUARANTINE_KEEP {
+            if tree.pop_min().map_err(backend)?.is_none() {
+                break;
+            }
+        }
+        self.db.flush().map_err(backend)?;
+        for (seq, size) in &moved {
+            st.stats.records -= 1;
+            st.stats.bytes -= size;
+            if *seq == st.stats.head {
+                st.stats.head += 1;
+            }
+        }
+        if st.stats.records == 0 {
+            st.stats.head = st.stats.next;
+        }
+        metrics::counter!("ferry_store_dropped_total", "reason" => "corrupt")
+            .increment(moved.len() as u64);
+        Ok(())
     }
 }
 
@@ -263,24 +321,34 @@ impl Store for SledStore {
         Ok(Appended { first, dropped })
     }
 
-    fn read(&self, from: u64, max: usize) -> Result<Vec<Stored>, StoreError> {
-        let mut out = Vec::with_capacity(max.min(1024));
-        for item in self
-            .db
-            .range(event_key(from)..=event_key(u64::MAX))
-            .take(max)
-        {
+    fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Read, StoreError> {
+        let mut out = Read {
+            records: Vec::with_capacity(max.min(1024)),
+            next: from,
+        };
+        let mut bytes = 0;
+        let mut unreadable = Vec::new();
+        for item in self.db.range(event_key(from)..=event_key(u64::MAX)) {
+            if out.records.len() >= max || bytes >= max_bytes {
+                break;
+            }
             let (k, v) = item.map_err(backend)?;
             let Some(seq) = seq_of(&k) else { continue };
+            out.next = seq + 1;
             match serde_json::from_slice(&v) {
-                Ok(record) => out.push(Stored { seq, record }),
-                Err(error) => {
-                    // Never let one unreadable record block a sink forever.
-                    warn!(seq, %error, "skipping a stored record that cannot be decoded");
-                    metrics::counter!("ferry_store_dropped_total", "reason" => "corrupt")
-                        .increment(1);
+                Ok(record) => {
+                    bytes += v.len();
+                    out.records.push(Stored {
+                        seq,
+                        record,
+                        bytes: v.len(),
+                    })
                 }
+                Err(error) => unreadable.push((seq, v, error)),
             }
+        }
+        if !unreadable.is_empty() {
+            self.quarantine(unreadable)?;
         }
         Ok(out)
     }
@@ -359,7 +427,7 @@ mod tests {
         s.append(&[record(0, 0), record(1, 0)], None).unwrap();
         let a = s.append(&[record(2, 0)], None).unwrap();
         assert_eq!(a.first, 2);
-        let got = s.read(0, 10).unwrap();
+        let got = s.read(0, 10, usize::MAX).unwrap().records;
         assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![0, 1, 2]);
         assert_eq!(
             got[2].record,
@@ -382,7 +450,7 @@ mod tests {
         assert_eq!(s.stats().records, 3);
         s.advance("b", 2).unwrap();
         assert_eq!(s.stats().records, 1);
-        assert_eq!(s.read(0, 10).unwrap()[0].seq, 2);
+        assert_eq!(s.read(0, 10, usize::MAX).unwrap().records[0].seq, 2);
     }
 
     #[test]
@@ -421,8 +489,16 @@ mod tests {
         let st = s.stats();
         assert!(st.bytes <= 10_000, "{st:?}");
         assert_eq!(st.records + dropped, 30);
-        assert_eq!(s.read(0, 100).unwrap()[0].seq, st.head);
-        assert_eq!(s.read(0, 100).unwrap().last().unwrap().seq, 29);
+        assert_eq!(s.read(0, 100, usize::MAX).unwrap().records[0].seq, st.head);
+        assert_eq!(
+            s.read(0, 100, usize::MAX)
+                .unwrap()
+                .records
+                .last()
+                .unwrap()
+                .seq,
+            29
+        );
     }
 
     #[test]
@@ -470,6 +546,68 @@ mod tests {
         }
         let s = SledStore::open(dir.path(), &c, &sinks(&["a"])).unwrap();
         assert_eq!(s.stats().records, 0);
+    }
+
+    #[test]
+    fn a_read_stops_at_its_byte_budget_but_always_returns_one_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(
+            dir.path(),
+            &cfg(1 << 30, WhenFull::DropOldest),
+            &sinks(&["a"]),
+        )
+        .unwrap();
+        s.append(&[record(0, 1000), record(1, 1000), record(2, 1000)], None)
+            .unwrap();
+        let one = s.read(0, 10, 10).unwrap();
+        assert_eq!(
+            one.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![0]
+        );
+        assert_eq!(one.next, 1);
+        let two = s.read(0, 10, 1500).unwrap();
+        assert_eq!(two.records.len(), 2);
+        assert_eq!(two.next, 2);
+    }
+
+    #[test]
+    fn an_undecodable_record_is_quarantined_once_and_read_past() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(1 << 30, WhenFull::DropOldest);
+        let s = SledStore::open(dir.path(), &c, &sinks(&["a", "b"])).unwrap();
+        s.append(&[record(0, 0), record(1, 0), record(2, 0)], None)
+            .unwrap();
+        // A record that no longer decodes (a bit flip, or an older bug's output).
+        s.db.insert(event_key(1), b"{not json".as_slice()).unwrap();
+        let before = s.stats().bytes;
+
+        let first = s.read(0, 10, usize::MAX).unwrap();
+        assert_eq!(
+            first.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![0, 2]
+        );
+        assert_eq!(first.next, 3);
+        // Gone from the event range for every sink: read once, counted once.
+        let again = s.read(0, 10, usize::MAX).unwrap();
+        assert_eq!(
+            again.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![0, 2]
+        );
+        assert_eq!(s.stats().records, 2);
+        assert!(s.stats().bytes < before);
+        assert_eq!(
+            s.quarantined.get(event_key(1)).unwrap().as_deref(),
+            Some(b"{not json".as_slice())
+        );
+
+        // A read that meets only undecodable records still moves past them.
+        s.db.insert(event_key(2), b"\xff".as_slice()).unwrap();
+        let only_bad = s.read(2, 10, usize::MAX).unwrap();
+        assert!(only_bad.records.is_empty());
+        assert_eq!(only_bad.next, 3);
+        drop(s);
+        let reopened = SledStore::open(dir.path(), &c, &sinks(&["a", "b"])).unwrap();
+        assert_eq!(reopened.stats().records, 1);
     }
 
     impl Record {
