@@ -66,18 +66,14 @@ pub struct AgentConfig {
     #[serde(default = "default_max_time_ahead")]
     pub max_time_ahead: Dur,
     /// Likewise for a reading time behind the agent's clock (a device whose clock
-    /// was never set says 1970). Default 30d, so readings a device buffered through
-    /// a long outage keep their own times.
-    #[serde(default = "default_max_time_behind")]
-    pub max_time_behind: Dur,
+    /// was never set says 1970). Default: no bound, so readings a device buffered
+    /// through an outage, or replayed history, keep their own times.
+    #[serde(default)]
+    pub max_time_behind: Option<Dur>,
 }
 
 fn default_max_time_ahead() -> Dur {
     Dur(Duration::from_secs(24 * 3600))
-}
-
-fn default_max_time_behind() -> Dur {
-    Dur(Duration::from_secs(30 * 24 * 3600))
 }
 
 /// `[admin]`

@@ -18,7 +18,7 @@
 //! disconnect; only then are sinks stopped. Nothing taken is lost: what was not
 //! committed was not acked, and the broker redelivers it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ use crate::ingest::{
     modbus::ModbusSource, mqtt::MqttSource, simulator, Admitted, Inlet, Origin, Payload,
 };
 use crate::ratelimit::RateLimit;
-use crate::store::{sled::SledStore, Record, Store, StoreError};
+use crate::store::{sled::SledStore, Record, SavedState, StateWrite, Store, StoreError};
 
 /// Inputs waiting for the commit task. Bounded: a full channel stops the sources.
 const CHANNEL: usize = 4096;
@@ -55,6 +55,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// How often rule bookkeeping that is not an alert transition is saved.
 const SAVE_PROGRESS_EVERY: Duration = Duration::from_secs(10);
 pub const READING_TYPE: &str = "io.ferry.reading";
+/// The most bytes one rule may save for one device (a backstop: the rules' own caps
+/// keep entries far smaller).
+const MAX_STATE_ENTRY: usize = 64 * 1024;
 /// Devices whose wrong clock is logged by name; past that, at the shared rate limit.
 const CLOCK_LOGGED_DEVICES: usize = 10_000;
 
@@ -135,14 +138,7 @@ pub async fn run(
 
     let mut rules = rules;
     match store.rules_state() {
-        Ok(Some(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
-            Ok(state) => {
-                rules.restore_alert_state(&state);
-                info!("restored open alerts from the store");
-            }
-            Err(error) => warn!(%error, "ignoring unreadable saved rule state"),
-        },
-        Ok(None) => {}
+        Ok(saved) => restore_rule_state(&mut rules, saved),
         Err(error) => warn!(%error, "cannot read saved rule state; open alerts start closed"),
     }
 
@@ -269,9 +265,15 @@ pub async fn run(
         },
         progress_unsaved: false,
         last_state_save: Instant::now(),
+        changed: HashSet::new(),
+        rewrite_state: true,
         clock: ClockCheck {
             ahead: time_delta(cfg.agent.max_time_ahead.0),
-            behind: time_delta(cfg.agent.max_time_behind.0),
+            behind: cfg
+                .agent
+                .max_time_behind
+                .as_ref()
+                .map_or(chrono::TimeDelta::MAX, |d| time_delta(d.0)),
             logged: Default::default(),
         },
     };
@@ -303,6 +305,52 @@ pub async fn run(
         "stopped; buffered records are kept for the next start"
     );
     Ok(())
+}
+
+/// Restores open alerts (and rule bookkeeping) saved by the last run. Entries that
+/// cannot be read are skipped: the worst case is an alert that starts closed.
+fn restore_rule_state(rules: &mut RuleSet, saved: SavedState) {
+    if let Some(bytes) = saved.legacy {
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(state) => {
+                rules.restore_alert_state(&state);
+            }
+            Err(error) => warn!(%error, "ignoring unreadable saved rule state"),
+        }
+    }
+    let mut unreadable = 0;
+    let entries: Vec<(String, String, Value)> = saved
+        .entries
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let parsed = serde_json::from_str::<(String, String)>(&key)
+                .ok()
+                .zip(serde_json::from_slice::<Value>(&value).ok());
+            if parsed.is_none() {
+                unreadable += 1;
+            }
+            parsed.map(|((rule, device), value)| (rule, device, value))
+        })
+        .collect();
+    if unreadable > 0 {
+        warn!(
+            entries = unreadable,
+            "ignoring unreadable saved rule state entries"
+        );
+    }
+    let restored = rules.restore_entries(entries);
+    let devices: usize = restored.rules.iter().map(|(_, n)| n).sum();
+    if devices > 0 {
+        info!(
+            rules = restored.rules.len(),
+            devices, "restored open alerts from the store"
+        );
+    }
+}
+
+/// The store key of one rule's state for one device: both names, unambiguously.
+fn state_key(rule: &str, device: &str) -> String {
+    serde_json::Value::from(vec![rule, device]).to_string()
 }
 
 /// A config duration as a chrono one; one too long for chrono means "no bound".
@@ -369,6 +417,11 @@ struct Committer {
     /// Rule bookkeeping changed since the state was last saved.
     progress_unsaved: bool,
     last_state_save: Instant,
+    /// `(rule, device)` pairs whose saved state changed since the last save.
+    changed: HashSet<(String, String)>,
+    /// Save every entry at the next save (after a start or a reload), not only the
+    /// changed ones, so that entries of rules that are gone do not linger.
+    rewrite_state: bool,
     clock: ClockCheck,
 }
 
@@ -405,6 +458,9 @@ impl Committer {
                 Some(mut set) = reloads.recv() => {
                     set.adopt_state(std::mem::replace(&mut self.rules, RuleSet::empty()));
                     self.rules = set;
+                    // Rules that changed start afresh: the saved state must say so.
+                    self.rewrite_state = true;
+                    self.progress_unsaved = true;
                     continue;
                 }
                 _ = tick.tick() => {
@@ -420,17 +476,48 @@ impl Committer {
 
     /// Saves rule bookkeeping not yet saved, so a clean stop loses none of it.
     async fn save_progress_at_exit(&mut self) {
-        if !self.progress_unsaved {
+        if !self.progress_unsaved && self.changed.is_empty() {
             return;
         }
-        let Ok(state) = serde_json::to_vec(&self.rules.alert_state()) else {
-            return;
-        };
+        let state = self.state_write();
         let store = Arc::clone(&self.store);
-        let saved = forward::blocking(&store, move |s| s.append(&[], Some(&state))).await;
+        let saved = forward::blocking(&store, move |s| s.append(&[], &state)).await;
         if let Err(error) = saved {
             warn!(%error, "could not save rule state at shutdown");
         }
+    }
+
+    /// The rule state to save now: the entries of the `(rule, device)` pairs that
+    /// changed since the last save, or every entry after a start or a reload.
+    fn state_write(&mut self) -> StateWrite {
+        let replace_all = std::mem::take(&mut self.rewrite_state);
+        let entries = if replace_all {
+            self.changed.clear();
+            self.rules.state_entries()
+        } else {
+            let changed: Vec<(String, String)> = self.changed.drain().collect();
+            self.rules.changed_entries(&changed)
+        };
+        let mut write = StateWrite {
+            replace_all,
+            entries: Vec::with_capacity(entries.len()),
+        };
+        for entry in entries {
+            let value = match entry.value.map(|v| serde_json::to_vec(&v)) {
+                Some(Ok(bytes)) if bytes.len() > MAX_STATE_ENTRY => {
+                    // Bounded by the rules' own caps; this is the backstop.
+                    warn!(rule = %entry.rule, device = %entry.device, bytes = bytes.len(), "rule state of one device is too large to save; keeping the last saved one");
+                    continue;
+                }
+                Some(Ok(bytes)) => Some(bytes),
+                Some(Err(_)) => continue,
+                None => None,
+            };
+            write
+                .entries
+                .push((state_key(&entry.rule, &entry.device), value));
+        }
+        write
     }
 
     /// Commits a batch (with the rule state if alerts changed it), then acks its
@@ -440,14 +527,14 @@ impl Committer {
         // sensors' last-seen times) now and then, since losing a little costs little.
         let save = batch.transition
             || (self.progress_unsaved && self.last_state_save.elapsed() >= SAVE_PROGRESS_EVERY);
-        let state = save
-            .then(|| serde_json::to_vec(&self.rules.alert_state()).ok())
-            .flatten();
-        if state.is_some() {
+        let state = if save {
             self.progress_unsaved = false;
             self.last_state_save = Instant::now();
-        }
-        if (!batch.records.is_empty() || state.is_some())
+            self.state_write()
+        } else {
+            StateWrite::default()
+        };
+        if (!batch.records.is_empty() || !state.is_empty())
             && !self.commit(batch.records, state, shutdown).await
         {
             // Shutting down with a batch that could not be stored: its inputs stay
@@ -555,6 +642,7 @@ impl Committer {
                 }
             }
         }
+        self.changed.extend(outcome.changed);
         match outcome.state {
             StateChange::Transition => batch.transition = true,
             StateChange::Progress => self.progress_unsaved = true,
@@ -605,7 +693,7 @@ impl Committer {
     async fn commit(
         &mut self,
         records: Vec<Record>,
-        state: Option<Vec<u8>>,
+        state: StateWrite,
         shutdown: &CancellationToken,
     ) -> bool {
         let records = Arc::new(records);
@@ -617,8 +705,7 @@ impl Committer {
         let mut reported = false;
         loop {
             let (batch, state) = (Arc::clone(&records), Arc::clone(&state));
-            match forward::blocking(&self.store, move |s| s.append(&batch, state.as_deref())).await
-            {
+            match forward::blocking(&self.store, move |s| s.append(&batch, &state)).await {
                 Ok(appended) => {
                     metrics::counter!("ferry_store_committed_total")
                         .increment(records.len() as u64);

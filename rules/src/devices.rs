@@ -51,6 +51,10 @@ impl<S> Devices<S> {
         self.map.get(device)
     }
 
+    pub(crate) fn get_key_value(&self, device: &str) -> Option<(&String, &Tracked<S>)> {
+        self.map.get_key_value(device)
+    }
+
     pub(crate) fn get_mut(&mut self, device: &str) -> Option<&mut Tracked<S>> {
         self.map.get_mut(device)
     }

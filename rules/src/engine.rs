@@ -67,6 +67,30 @@ pub struct Outcome {
     pub errors: Vec<EvalError>,
     /// Whether, and how much, the state [`RuleSet::alert_state`] returns changed.
     pub state: StateChange,
+    /// The `(rule id, device)` pairs whose saved state may have changed, for
+    /// [`RuleSet::changed_entries`]: saving only these keeps the bytes written per
+    /// reading independent of how many alerts are open.
+    pub changed: Vec<(String, String)>,
+}
+
+impl Outcome {
+    pub(crate) fn note_changed(&mut self, rule: &str, device: &str) {
+        let seen = self.changed.iter().any(|(r, d)| r == rule && d == device);
+        if !seen {
+            self.changed.push((rule.to_owned(), device.to_owned()));
+        }
+    }
+}
+
+/// One device's saved state under one rule, as [`RuleSet::state_entries`] and
+/// [`RuleSet::changed_entries`] give it: a store can keep each under its own key,
+/// and give them back to [`RuleSet::restore_entries`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateEntry {
+    pub rule: String,
+    pub device: String,
+    /// `None`: the device has nothing to keep any more (delete the key).
+    pub value: Option<Value>,
 }
 
 /// How the state to keep across a restart ([`RuleSet::alert_state`]) changed
@@ -96,6 +120,7 @@ impl Default for Outcome {
             actions: Vec::new(),
             errors: Vec::new(),
             state: StateChange::Unchanged,
+            changed: Vec::new(),
         }
     }
 }
@@ -403,7 +428,7 @@ impl RuleSet {
     pub fn alert_state(&self) -> serde_json::Value {
         let mut rules = Map::new();
         for rule in &self.rules {
-            let Some(devices) = rule.kind.save() else {
+            let Some(devices) = rule.kind.save(None) else {
                 continue;
             };
             let mut entry = Map::new();
@@ -415,6 +440,78 @@ impl RuleSet {
         state.insert("version".into(), Value::from(ALERT_STATE_VERSION));
         state.insert("rules".into(), Value::Object(rules));
         Value::Object(state)
+    }
+
+    /// Every device's saved state, one entry each (what [`RuleSet::alert_state`]
+    /// holds, cut per device), in rule then device order.
+    pub fn state_entries(&self) -> Vec<StateEntry> {
+        let mut out = Vec::new();
+        for rule in &self.rules {
+            for (device, saved) in rule.kind.save(None).unwrap_or_default() {
+                out.push(StateEntry {
+                    rule: rule.id.clone(),
+                    value: Some(entry_value(&rule.fingerprint, saved)),
+                    device,
+                });
+            }
+        }
+        out
+    }
+
+    /// The saved state of the given `(rule id, device)` pairs (from
+    /// [`Outcome::changed`]), `None` for those with nothing to keep. Pairs of rules
+    /// no longer in the set are left out.
+    pub fn changed_entries<'a>(
+        &self,
+        changed: impl IntoIterator<Item = &'a (String, String)>,
+    ) -> Vec<StateEntry> {
+        let mut out = Vec::new();
+        for (rule_id, device) in changed {
+            let Some(rule) = self.rules.iter().find(|r| &r.id == rule_id) else {
+                continue;
+            };
+            let value = rule
+                .kind
+                .save(Some(device))
+                .and_then(|mut m| m.remove(device))
+                .map(|saved| entry_value(&rule.fingerprint, saved));
+            out.push(StateEntry {
+                rule: rule_id.clone(),
+                device: device.clone(),
+                value,
+            });
+        }
+        out
+    }
+
+    /// Restores entries saved from [`RuleSet::state_entries`] and
+    /// [`RuleSet::changed_entries`], as [`RuleSet::restore_alert_state`] does.
+    pub fn restore_entries(
+        &mut self,
+        entries: impl IntoIterator<Item = (String, String, Value)>,
+    ) -> Restored {
+        let mut rules = Map::new();
+        for (rule, device, value) in entries {
+            let (Some(fingerprint), Some(state)) = (
+                value.get("fingerprint").and_then(Value::as_str),
+                value.get("state"),
+            ) else {
+                continue;
+            };
+            let entry = rules.entry(rule).or_insert_with(|| {
+                let mut e = Map::new();
+                e.insert("fingerprint".into(), Value::from(fingerprint));
+                e.insert("devices".into(), Value::Object(Map::new()));
+                Value::Object(e)
+            });
+            if let Some(devices) = entry.get_mut("devices").and_then(Value::as_object_mut) {
+                devices.insert(device, state.clone());
+            }
+        }
+        let mut state = Map::new();
+        state.insert("version".into(), Value::from(ALERT_STATE_VERSION));
+        state.insert("rules".into(), Value::Object(rules));
+        self.restore_alert_state(&Value::Object(state))
     }
 
     /// Restores what [`RuleSet::alert_state`] gave, at start, for the rules with the
@@ -460,6 +557,15 @@ impl RuleSet {
         }
         restored
     }
+}
+
+/// The value of one [`StateEntry`]: the rule's fingerprint (so a changed rule's
+/// state is not restored into it) and the device's saved state.
+fn entry_value(fingerprint: &str, saved: Value) -> Value {
+    let mut m = Map::new();
+    m.insert("fingerprint".into(), Value::from(fingerprint));
+    m.insert("state".into(), saved);
+    Value::Object(m)
 }
 
 impl Default for RuleSet {
@@ -545,6 +651,7 @@ emit = { type = "com.clinic.bp.high" }
                 actions: vec![],
                 errors: vec![],
                 state: StateChange::Unchanged,
+                changed: vec![],
             }
         );
     }
@@ -814,6 +921,49 @@ forward = false
             [("warm".to_owned(), 1), ("silent".to_owned(), 1)]
         );
         assert_eq!(restarted.alert_state(), state);
+    }
+
+    #[test]
+    fn a_reading_names_only_its_own_device_as_changed_however_many_alerts_are_open() {
+        let mut rules = rules(KINDS);
+        let hot = object(json!({"t": 35}));
+        for i in 0..500 {
+            let _ = rules.evaluate(&reading(&format!("other-{i}"), &hot));
+        }
+        let outcome = rules.evaluate(&reading("d", &hot));
+        let mut changed = outcome.changed.clone();
+        changed.sort();
+        assert_eq!(
+            changed,
+            [
+                ("silent".to_owned(), "d".to_owned()),
+                ("warm".to_owned(), "d".to_owned())
+            ]
+        );
+        let entries = rules.changed_entries(&outcome.changed);
+        assert_eq!(entries.len(), 2);
+        assert!(entries.iter().all(|e| e.device == "d" && e.value.is_some()));
+    }
+
+    #[test]
+    fn state_entries_restore_to_the_same_alert_state_and_a_cleared_device_is_a_deletion() {
+        let mut rules = rules(KINDS);
+        let _ = rules.evaluate(&reading("d", &object(json!({"t": 35}))));
+        let _ = rules.evaluate(&reading("e", &object(json!({"t": 35}))));
+        let entries = rules.state_entries();
+        let mut restarted = self::rules(KINDS);
+        restarted.restore_entries(
+            entries
+                .iter()
+                .map(|e| (e.rule.clone(), e.device.clone(), e.value.clone().unwrap())),
+        );
+        assert_eq!(restarted.alert_state(), rules.alert_state());
+
+        // `warm` forgets a device that cools down before its `for` is up.
+        let cooled = rules.evaluate(&reading("d", &object(json!({"t": 1}))));
+        let entries = rules.changed_entries(&cooled.changed);
+        let warm = entries.iter().find(|e| e.rule == "warm").unwrap();
+        assert_eq!((warm.device.as_str(), &warm.value), ("d", &None));
     }
 
     #[test]

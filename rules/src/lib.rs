@@ -100,7 +100,7 @@ pub use diagnostic::Diagnostic;
 pub use duration::MAX_DURATION_DAYS;
 pub use engine::{
     Action, Alert, EvalError, Outcome, Reading, Restored, RuleDescription, RuleSet, StateChange,
-    Transition, ALERT_STATE_VERSION,
+    StateEntry, Transition, ALERT_STATE_VERSION,
 };
 pub use expr::{COMPILE_STACK_SIZE, MAX_DEPTH, MAX_EXPRESSION_LEN, MAX_NESTING, MAX_VALUE_DEPTH};
 pub use kinds::MAX_COUNT;

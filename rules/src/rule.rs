@@ -265,9 +265,10 @@ pub(crate) struct Event<'a> {
 }
 
 impl Effects<'_> {
-    /// Records a change of saved state that is not a transition.
-    pub(crate) fn progress(&self, out: &mut Outcome) {
+    /// Records a change of `device`'s saved state that is not a transition.
+    pub(crate) fn progress(&self, out: &mut Outcome, device: &str) {
         out.state = out.state.max(StateChange::Progress);
+        out.note_changed(self.rule, device);
     }
 
     pub(crate) fn error(&self, out: &mut Outcome, message: impl Into<String>) {
@@ -282,6 +283,7 @@ impl Effects<'_> {
     pub(crate) fn transition(&self, out: &mut Outcome, event: Event<'_>) {
         if self.lifecycle && event.transition != Transition::Window {
             out.state = out.state.max(StateChange::Transition);
+            out.note_changed(self.rule, event.device);
         }
         if let Some(actuation) = self.action {
             for action in actuation.actions(self.rule, event.device, event.transition) {

@@ -158,6 +158,33 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Changes to the rule engine's saved state, one entry per rule and device, so that
+/// what a commit writes grows with what changed, not with how many alerts are open.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct StateWrite {
+    /// Remove every saved entry first (a new rule set, or the first save after a
+    /// start): entries of rules that are gone do not linger.
+    pub replace_all: bool,
+    /// Key and new value; `None` removes the key.
+    pub entries: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl StateWrite {
+    pub fn is_empty(&self) -> bool {
+        !self.replace_all && self.entries.is_empty()
+    }
+}
+
+/// The saved rule state, as [`Store::rules_state`] finds it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SavedState {
+    /// The whole state as one value, as releases before per-entry keys saved it;
+    /// the next `replace_all` removes it.
+    pub legacy: Option<Vec<u8>>,
+    /// Key and value of every entry, in key order.
+    pub entries: Vec<(String, Vec<u8>)>,
+}
+
 /// What an append did besides storing the batch.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Appended {
@@ -183,16 +210,13 @@ pub struct Stats {
 pub trait Store: Send + Sync + 'static {
     /// Commits a batch durably (fsync) and returns its first sequence. Under
     /// `drop_oldest` old records may be removed to make room; under `reject_new`
-    /// returns [`StoreError::Full`] instead. `rules_state`, when given, is the rule
-    /// engine's state after this batch and commits in the same transaction, so an
-    /// alert event and the state that says it was sent can never disagree.
-    fn append(
-        &self,
-        records: &[Record],
-        rules_state: Option<&[u8]>,
-    ) -> Result<Appended, StoreError>;
-    /// The rule state saved by the last `append` that carried one.
-    fn rules_state(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// returns [`StoreError::Full`] instead. `state` holds the changes to the rule
+    /// engine's saved state that this batch made; they commit in the same
+    /// transaction, so an alert event and the state that says it was sent can never
+    /// disagree.
+    fn append(&self, records: &[Record], state: &StateWrite) -> Result<Appended, StoreError>;
+    /// The rule state saved by every `append` so far.
+    fn rules_state(&self) -> Result<SavedState, StoreError>;
     /// Up to `max` records from sequence `from` on, in order, stopping after the
     /// record that reaches `max_bytes` (at least one record is returned, whatever
     /// its size). A record that cannot be decoded is moved out of the way

@@ -98,7 +98,7 @@ impl ConditionAlert {
             Ok(false) => {
                 if self.devices.get(device).is_some() {
                     self.devices.remove(device, ctx.limit);
-                    fx.progress(out);
+                    fx.progress(out, device);
                 }
             }
             Ok(true) => {
@@ -122,7 +122,7 @@ impl ConditionAlert {
                 data.insert("values".into(), values(reading));
                 if let Some(sustained) = self.sustained {
                     if tracked.state.pending_since.is_none() {
-                        fx.progress(out);
+                        fx.progress(out, device);
                     }
                     let since = *tracked.state.pending_since.get_or_insert(now);
                     if now - since < sustained {
@@ -152,8 +152,8 @@ impl ConditionAlert {
         self.devices = std::mem::take(&mut previous.devices);
     }
 
-    pub(crate) fn save(&self) -> Map<String, Value> {
-        save_entries(&self.devices, |tracked| {
+    pub(crate) fn save(&self, only: Option<&str>) -> Map<String, Value> {
+        save_entries(&self.devices, only, |tracked| {
             Some(Saved {
                 source: tracked.source.clone(),
                 state: tracked.state.clone(),

@@ -167,7 +167,7 @@ impl Count {
         }
         if state.fired_at.is_some() {
             // An open alert's window is saved.
-            fx.progress(out);
+            fx.progress(out, reading.device);
         }
         self.next_due = earliest(self.next_due, self.due(&state));
         if let Some(tracked) = self.devices.get_mut(reading.device) {
@@ -232,8 +232,8 @@ impl Count {
         self.next_due = self.recompute_due();
     }
 
-    pub(crate) fn save(&self) -> Map<String, Value> {
-        save_entries(&self.devices, |tracked| {
+    pub(crate) fn save(&self, only: Option<&str>) -> Map<String, Value> {
+        save_entries(&self.devices, only, |tracked| {
             Some(Saved {
                 source: tracked.source.clone(),
                 fired_at: tracked.state.fired_at?,

@@ -109,14 +109,14 @@ impl Kind {
         }
     }
 
-    /// The state to keep across a restart, device by device, in device order; `None`
-    /// when there is none.
-    pub(crate) fn save(&self) -> Option<Map<String, Value>> {
+    /// The state to keep across a restart, device by device, in device order (only
+    /// `only`'s, when given); `None` when there is none.
+    pub(crate) fn save(&self, only: Option<&str>) -> Option<Map<String, Value>> {
         let saved = match self {
-            Kind::Condition(kind) => kind.save(),
-            Kind::Rate(kind) => kind.save(),
-            Kind::Stale(kind) => kind.save(),
-            Kind::Count(kind) => kind.save(),
+            Kind::Condition(kind) => kind.save(only),
+            Kind::Rate(kind) => kind.save(only),
+            Kind::Stale(kind) => kind.save(only),
+            Kind::Count(kind) => kind.save(only),
             _ => Map::new(),
         };
         (!saved.is_empty()).then_some(saved)
@@ -177,13 +177,18 @@ impl Kind {
     }
 }
 
-/// Saves every tracked device that `save` turns into an entry, in device order.
+/// Saves every tracked device (or only `only`) that `save` turns into an entry, in
+/// device order.
 pub(crate) fn save_entries<S, P: serde::Serialize>(
     devices: &crate::devices::Devices<S>,
+    only: Option<&str>,
     mut save: impl FnMut(&crate::devices::Tracked<S>) -> Option<P>,
 ) -> Map<String, Value> {
-    devices
-        .sorted()
+    let chosen = match only {
+        Some(device) => devices.get_key_value(device).into_iter().collect(),
+        None => devices.sorted(),
+    };
+    chosen
         .into_iter()
         .filter_map(|(device, tracked)| {
             Some((device.clone(), serde_json::to_value(save(tracked)?).ok()?))

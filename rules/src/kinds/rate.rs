@@ -112,8 +112,8 @@ impl Rate {
         self.devices = std::mem::take(&mut previous.devices);
     }
 
-    pub(crate) fn save(&self) -> Map<String, Value> {
-        save_entries(&self.devices, |tracked| {
+    pub(crate) fn save(&self, only: Option<&str>) -> Map<String, Value> {
+        save_entries(&self.devices, only, |tracked| {
             Some(Saved {
                 source: tracked.source.clone(),
                 fired_at: tracked.state.fired_at?,

@@ -100,10 +100,10 @@ impl Stale {
             }
             if now > state.last_seen {
                 state.last_seen = now;
-                fx.progress(out);
+                fx.progress(out, reading.device);
             }
         } else {
-            fx.progress(out);
+            fx.progress(out, reading.device);
         }
         let due = plus(tracked.state.last_seen, after);
         self.next_due = earliest(self.next_due, Some(due));
@@ -143,8 +143,8 @@ impl Stale {
         self.next_due = self.recompute_due();
     }
 
-    pub(crate) fn save(&self) -> Map<String, Value> {
-        save_entries(&self.devices, |tracked| {
+    pub(crate) fn save(&self, only: Option<&str>) -> Map<String, Value> {
+        save_entries(&self.devices, only, |tracked| {
             Some(Saved {
                 source: tracked.source.clone(),
                 state: tracked.state.clone(),

@@ -1,0 +1,98 @@
+//! Flash wear from rule state: bytes ferry writes to disk per reading that opens an
+//! alert, with 0, 100 and 10,000 alerts already open.
+//!
+//! ```sh
+//! cargo bench -p ferry-agent --bench state_writes -- [--readings N] [--open N,N,...]
+//! ```
+//!
+//! For each number of open alerts: a fresh agent (real binary, real mosquitto, an
+//! HTTP receiver) gets one reading per device that opens an alert on each, then
+//! `--readings` more readings from new devices, each opening one more alert (a
+//! transition, so its state is committed with it). The figure is the growth of the
+//! agent's `write_bytes` (`/proc/PID/io`: bytes the process caused to be written to
+//! the block layer) over those readings, divided by their number. It must not grow
+//! with the number of open alerts: a commit writes the alerts it changed, not all.
+//! It is a command that prints figures, not a test: results go in docs/BENCHMARKS.md.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use support::{Agent, Mosquitto, Receiver, TestConfig};
+
+const RULE: &str = r#"
+[[rule]]
+id = "hot"
+when = "t > 30.0"
+clear_when = "t < 0.0"
+emit = { type = "com.example.hot" }
+"#;
+
+fn write_bytes(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("read /proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("write_bytes in /proc/PID/io")
+}
+
+/// Publishes one reading per device id, through one `mosquitto_pub -l` per 1,000.
+fn open_alerts(broker: &Mosquitto, prefix: &str, n: usize) {
+    let lines: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"id":"{prefix}-{i:05}","t":40}}"#))
+        .collect();
+    for chunk in lines.chunks(1000) {
+        broker.publish_lines("sensors/bench/telemetry", chunk, 1);
+    }
+}
+
+fn main() {
+    let mut readings = 200usize;
+    let mut open = vec![0usize, 100, 10_000];
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--readings" => readings = it.next().and_then(|v| v.parse().ok()).unwrap_or(readings),
+            "--open" => {
+                open = it
+                    .next()
+                    .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
+                    .unwrap_or(open)
+            }
+            _ => {}
+        }
+    }
+    println!("| open alerts | readings | bytes written | bytes per reading |");
+    println!("|---|---|---|---|");
+    for n in open {
+        let broker = Mosquitto::start_with("max_queued_messages 0\n");
+        let receiver = Receiver::start();
+        let config = TestConfig::new("gw-wear", &broker).http(&receiver.url(), "batch");
+        let toml = config
+            .toml()
+            .replace(r#"device = "{topic.1}""#, r#"device = "{payload.id}""#);
+        let mut agent = Agent::start(&toml, &[("hot.toml", RULE)]);
+        broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+        let pid = agent.pid().expect("running");
+
+        open_alerts(&broker, "open", n);
+        agent.wait_for_metric("ferry_store_committed_total", &[], (2 * n) as f64);
+        // Let background flushes of what came before settle.
+        std::thread::sleep(Duration::from_secs(2));
+        let before = write_bytes(pid);
+        open_alerts(&broker, "new", readings);
+        agent.wait_for_metric(
+            "ferry_store_committed_total",
+            &[],
+            (2 * (n + readings)) as f64,
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        let written = write_bytes(pid) - before;
+        println!(
+            "| {n} | {readings} | {written} | {} |",
+            written / readings as u64
+        );
+        agent.stop();
+    }
+}
