@@ -262,13 +262,16 @@ fn rules_test(
 }
 
 fn run(config: PathBuf, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let loaded = Loaded::from_file(&config).map_err(|d| {
+    let loaded = Loaded::from_file(&config).map_err(|problems| {
+        // One log line per problem, like rule file errors: a diagnostic's snippet
+        // and caret lines would only show as escaped line breaks.
+        for p in &problems {
+            let at = format!("{}:{}:{}", p.file, p.line, p.col);
+            tracing::error!(%at, message = %p.message, "config error");
+        }
         anyhow::anyhow!(
-            "invalid config:\n{}",
-            d.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
+            "invalid config: {} problem(s); `ferry check` lists them too",
+            problems.len()
         )
     })?;
     let data_dir = data_dir.unwrap_or_else(|| loaded.data_dir());
