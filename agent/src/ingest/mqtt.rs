@@ -201,10 +201,16 @@ impl MqttSourceConfig {
                 "source {n:?}: password_file needs a username"
             ));
         }
-        if self.keep_alive.0 < Duration::from_secs(1) {
+        // MQTT carries keep-alive as whole seconds in 16 bits: a fraction would be
+        // cut off on the wire and 65536s would wrap to 0 (no keep-alive at all).
+        let keep_alive = self.keep_alive.0;
+        if !(Duration::from_secs(1)..=Duration::from_secs(u64::from(u16::MAX)))
+            .contains(&keep_alive)
+            || keep_alive.subsec_nanos() != 0
+        {
             out.push(problem!(
                 ["source", "mqtt", i, "keep_alive"],
-                "source {n:?}: keep_alive must be at least 1s"
+                "source {n:?}: keep_alive must be whole seconds from 1s to 65535s"
             ));
         }
         out.extend(self.reconnect.validate(&[
