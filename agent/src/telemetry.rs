@@ -17,8 +17,13 @@
 use std::fmt::{self, Write as _};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tracing::debug;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
@@ -184,17 +189,135 @@ pub struct MetricsError {
     reason: String,
 }
 
-/// Serves `GET /metrics` on `addr`. Must run inside the tokio runtime.
+/// Connections served at once; more are closed at once, so a flood of connections
+/// costs the agent nothing but the accepts.
+const MAX_CONNECTIONS: usize = 16;
+/// The longest request head read; a scraper's is a few hundred bytes.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Time a client has to send its request and read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `GET /metrics` on `addr`, and nothing else: other paths get 404, other
+/// methods 405. Must run inside the tokio runtime.
 pub fn serve_metrics(addr: SocketAddr) -> Result<(), MetricsError> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| MetricsError {
-            addr,
-            reason: e.to_string(),
-        })?;
+    let error = |reason: String| MetricsError { addr, reason };
+    // Bound here, not in the task, so a port in use stops the start with its reason.
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|e| error(e.to_string()))?;
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| error(e.to_string()))?;
     describe();
+    tokio::spawn(accept(listener, handle));
     Ok(())
+}
+
+async fn accept(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(error) => {
+                // Out of file descriptors, most likely: wait instead of spinning.
+                debug!(%error, "cannot accept a metrics connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, "too many metrics connections; closing this one");
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(error) = tokio::time::timeout(CLIENT_TIMEOUT, respond(stream, &handle)).await
+            {
+                debug!(%peer, %error, "metrics client too slow; closed");
+            }
+        });
+    }
+}
+
+/// Reads one request head and answers it, then closes the connection.
+async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > MAX_REQUEST {
+            let _ = stream.write_all(&answer(431, "", "")).await;
+            return;
+        }
+    }
+    let response = match route(&head) {
+        Route::Metrics => {
+            handle.run_upkeep();
+            answer(200, "text/plain; version=0.0.4", &handle.render())
+        }
+        Route::NotFound => answer(404, "", ""),
+        Route::WrongMethod => answer(405, "", ""),
+        Route::Bad => answer(400, "", ""),
+    };
+    let _ = stream.write_all(&response).await;
+    let _ = stream.shutdown().await;
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Metrics,
+    NotFound,
+    WrongMethod,
+    Bad,
+}
+
+/// What a request head asks for. Only the request line matters.
+fn route(head: &[u8]) -> Route {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let Ok(line) = std::str::from_utf8(line) else {
+        return Route::Bad;
+    };
+    let mut parts = line.trim_end_matches('\r').split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Route::Bad;
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Route::Bad;
+    }
+    // A scraper may add a query string; it changes nothing.
+    let path = target.split('?').next().unwrap_or_default();
+    match (path, method) {
+        ("/metrics", "GET") => Route::Metrics,
+        ("/metrics", _) => Route::WrongMethod,
+        _ => Route::NotFound,
+    }
+}
+
+/// A complete HTTP/1.1 response that closes the connection.
+fn answer(status: u16, content_type: &str, body: &str) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Request Header Fields Too Large",
+    };
+    let mut out = format!("HTTP/1.1 {status} {reason}\r\nConnection: close\r\n");
+    if status == 405 {
+        out.push_str("Allow: GET\r\n");
+    }
+    if !content_type.is_empty() {
+        out.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    out.into_bytes()
 }
 
 /// Publishes how much the store holds (after a commit or a trim).
@@ -247,6 +370,10 @@ fn describe() {
     d!(
         "ferry_rule_errors_total",
         "Rule evaluation errors, by rule."
+    );
+    d!(
+        "ferry_source_disconnects_total",
+        "MQTT connections lost and connection attempts failed, by source and reason."
     );
     d!(
         "ferry_modbus_polls_total",
@@ -340,6 +467,42 @@ mod tests {
         let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
         assert_eq!(line["fields"]["device"], FORGED);
         assert_eq!(line["fields"]["topic"], FORGED);
+    }
+
+    #[test]
+    fn only_get_metrics_is_served_other_paths_are_not_found_and_other_methods_not_allowed() {
+        let cases: &[(&[u8], Route)] = &[
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", Route::Metrics),
+            (b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n", Route::Metrics),
+            (b"GET / HTTP/1.1\r\n\r\n", Route::NotFound),
+            (b"GET /metrics/ HTTP/1.1\r\n\r\n", Route::NotFound),
+            (b"GET /../metrics HTTP/1.1\r\n\r\n", Route::NotFound),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", Route::WrongMethod),
+            (b"DELETE /metrics HTTP/1.1\r\n\r\n", Route::WrongMethod),
+            (b"GET /metrics\r\n\r\n", Route::Bad),
+            (b"GET /metrics SPDY/3\r\n\r\n", Route::Bad),
+            (b"\xff\xfe /metrics HTTP/1.1\r\n\r\n", Route::Bad),
+        ];
+        for (head, expected) in cases {
+            assert_eq!(
+                route(head),
+                *expected,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn a_405_names_the_method_allowed_and_every_answer_has_its_length() {
+        let text = String::from_utf8(answer(405, "", "")).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("\r\nAllow: GET\r\n"), "{text}");
+        let ok = String::from_utf8(answer(200, "text/plain", "a 1\n")).unwrap();
+        assert!(ok.ends_with("Content-Length: 4\r\n\r\na 1\n"), "{ok}");
     }
 
     #[test]
