@@ -1,5 +1,5 @@
 //! What an operator relies on around the data path: the admin endpoint serves
-//! `GET /metrics` and nothing else, and an MQTT
+//! `GET /metrics` and nothing else, the data directory is private, and an MQTT
 //! connection that keeps dropping is counted by reason without flooding the log or
 //! logging the URL's query string.
 
@@ -7,6 +7,8 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
 use support::*;
@@ -72,6 +74,40 @@ fn the_admin_endpoint_answers_only_get_metrics() {
     }
     agent.assert_running();
     assert!(agent.stop().success());
+}
+
+/// Every directory and file under `dir`, with its permission bits.
+fn modes(dir: &Path, out: &mut Vec<(String, bool, u32)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        out.push((entry.path().display().to_string(), meta.is_dir(), mode));
+        if meta.is_dir() {
+            modes(&entry.path(), out);
+        }
+    }
+}
+
+#[test]
+fn a_fresh_data_dir_and_every_file_in_it_are_private() {
+    let mut agent = Agent::start(&SIMULATED.replace("ADMIN", &free_port().to_string()), &[]);
+    agent.wait_for_metric("ferry_store_committed_total", &[], 10.0);
+    assert!(agent.stop().success());
+
+    let data = agent.dir().join("data");
+    let dir_mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700, "{}", data.display());
+    let mut found = Vec::new();
+    modes(&data, &mut found);
+    assert!(
+        found.iter().any(|(_, dir, _)| !dir),
+        "no files in {found:?}"
+    );
+    for (path, dir, mode) in found {
+        let expected = if dir { 0o700 } else { 0o600 };
+        assert_eq!(mode, expected, "{path} is {mode:o}");
+    }
 }
 
 #[test]

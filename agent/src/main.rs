@@ -107,6 +107,10 @@ fn main() -> ExitCode {
             data_dir,
             log_format,
         } => {
+            // The store holds readings and the rule state: readable by the agent's
+            // user only, also when the data dir is created outside systemd
+            // (`StateDirectory=` already makes the directory 0700).
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
             init_logs(log_format);
             match run(config, data_dir) {
                 Ok(()) => ExitCode::SUCCESS,
