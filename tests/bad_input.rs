@@ -155,3 +155,51 @@ fn a_log_pipe_whose_reader_is_gone_neither_kills_the_agent_nor_stops_its_shutdow
         "SIGTERM must stop it: {status:?}"
     );
 }
+
+#[test]
+fn a_device_id_with_a_line_break_and_escape_codes_cannot_forge_a_log_line() {
+    const FORGED: &str = "oven-1\n2026-01-01T00:00:00Z  INFO fake line \u{1b}[31mred";
+    let broker = Mosquitto::start();
+    let config = TestConfig::new("gw-forge", &broker)
+        .toml()
+        .replace("device = \"{topic.1}\"", "device = \"{payload.device}\"");
+    // A reading without `pressure` fails this rule, and the failure names the device.
+    let rules = [(
+        "pressure.toml",
+        "[[rule]]\nid = \"needs-pressure\"\nwhen = \"pressure > 1.0\"\nemit = { type = \"com.example.pressure\" }\n",
+    )];
+    let mut agent = Agent::start(&config, &rules);
+    broker.wait_for_subscription("ferry-gw-forge-local", "sensors/+/telemetry");
+
+    let payload = json!({"device": FORGED, "temperature": 21.5}).to_string();
+    broker.publish("sensors/x/telemetry", payload, 1);
+    agent.wait_for_metric(
+        "ferry_rule_errors_total",
+        &[("rule", "needs-pressure")],
+        1.0,
+    );
+    let stderr = agent.eventually("the rule error in the log", |a| {
+        let stderr = a.stderr();
+        if stderr.contains("rule evaluation failed") {
+            Ok(stderr)
+        } else {
+            Err("no line says `rule evaluation failed`".to_string())
+        }
+    });
+    let escaped = r"oven-1\n2026-01-01T00:00:00Z  INFO fake line \u{1b}[31mred";
+    assert!(
+        stderr.contains(escaped),
+        "the device id is logged, escaped:\n{stderr}"
+    );
+    assert!(
+        !stderr
+            .lines()
+            .any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+        "a forged line made it into the log:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "a raw escape byte made it into the log:\n{stderr:?}"
+    );
+    assert!(agent.stop().success());
+}

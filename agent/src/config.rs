@@ -188,6 +188,93 @@ fn with_hint(message: &str, at: &str) -> String {
     message.to_string()
 }
 
+/// Deserializes the config, reporting every unknown key and wrong type, not only
+/// the first: serde stops at its first error, so each `key = value` line that fails
+/// is blanked out (its bytes turned to spaces, so every other position stays put)
+/// and the text is read again. `Err` holds `(byte offset, message)` per problem.
+fn parse(text: &str) -> Result<Config, Vec<(usize, String)>> {
+    // Each round removes one line; the bound only guards against a loop.
+    const MOST: usize = 100;
+    let mut text = text.to_string();
+    let mut errors = Vec::new();
+    let mut blanked = Vec::new();
+    for _ in 0..MOST {
+        let e = match toml::from_str::<Config>(&text) {
+            Ok(config) if errors.is_empty() => return Ok(config),
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        // A required key blanked for its wrong type is now missing: said already.
+        if blanked
+            .iter()
+            .any(|k| e.message() == format!("missing field `{k}`"))
+        {
+            break;
+        }
+        let offset = e.span().map(|s| s.start).unwrap_or(0);
+        errors.push((offset, e.message().to_string()));
+        match entry_at(&text, offset) {
+            Some((key, range)) if blank(&mut text, range.clone()) => blanked.push(key),
+            _ => break,
+        }
+    }
+    errors.sort_by_key(|(offset, _)| *offset);
+    Err(errors)
+}
+
+/// The `key = value` line of a table (a `[table]`, a `[[list]]` element or the top
+/// level) whose key or value holds `offset`: its key and its byte range, from the
+/// start of its line to the end of its value. `None` for anything else (a table
+/// header, a syntax error), which cannot be taken out without changing the meaning
+/// of the lines after it.
+fn entry_at(text: &str, offset: usize) -> Option<(String, std::ops::Range<usize>)> {
+    fn in_table(
+        text: &str,
+        t: &toml_edit::Table,
+        offset: usize,
+    ) -> Option<(String, std::ops::Range<usize>)> {
+        let holds = |r: Option<std::ops::Range<usize>>| r.is_some_and(|r| r.contains(&offset));
+        t.iter().find_map(|(k, item)| match item {
+            toml_edit::Item::Value(v) => {
+                let key = t.key(k)?.span()?;
+                let value = v.span()?;
+                if !(holds(Some(key.clone())) || holds(Some(value.clone()))) {
+                    return None;
+                }
+                let start = text.get(..key.start)?.rfind('\n').map_or(0, |i| i + 1);
+                // Only whitespace and the dotted part of the key may precede it.
+                let before = text.get(start..key.start)?;
+                if before.contains(['=', '{', '[', '"', '\'']) {
+                    return None;
+                }
+                Some((k.to_string(), start..value.end))
+            }
+            toml_edit::Item::Table(t) => in_table(text, t, offset),
+            toml_edit::Item::ArrayOfTables(a) => a.iter().find_map(|t| in_table(text, t, offset)),
+            toml_edit::Item::None => None,
+        })
+    }
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    in_table(text, doc.as_table(), offset)
+}
+
+/// Turns the bytes of `range` into spaces, keeping line breaks (and so every line
+/// number and every other byte offset). `false` if `range` is not within `text`.
+fn blank(text: &mut String, range: std::ops::Range<usize>) -> bool {
+    let Some(old) = text.get(range.clone()) else {
+        return false;
+    };
+    let kept: String = old
+        .chars()
+        .flat_map(|c| {
+            let n = if c == '\n' { 0 } else { c.len_utf8() };
+            std::iter::repeat_n(' ', n).chain((c == '\n').then_some('\n'))
+        })
+        .collect();
+    text.replace_range(range, &kept);
+    true
+}
+
 /// A loaded config plus where it came from (for resolving relative paths).
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -233,12 +320,17 @@ impl Loaded {
     }
 
     fn check_str(name: &str, text: &str, path: &Path) -> (Option<Self>, Vec<Diagnostic>) {
-        let config: Config = match toml::from_str(text) {
+        let config: Config = match parse(text) {
             Ok(c) => c,
-            Err(e) => {
-                let offset = e.span().map(|s| s.start).unwrap_or(0);
-                let message = with_hint(e.message(), text.get(offset..).unwrap_or_default());
-                return (None, vec![Diagnostic::at(name, text, offset, message)]);
+            Err(errors) => {
+                let diagnostics = errors
+                    .into_iter()
+                    .map(|(offset, message)| {
+                        let message = with_hint(&message, text.get(offset..).unwrap_or_default());
+                        Diagnostic::at(name, text, offset, message)
+                    })
+                    .collect();
+                return (None, diagnostics);
             }
         };
         let mut problems = validate(&config);
@@ -371,6 +463,13 @@ fn validate(config: &Config) -> Vec<Problem> {
         out.push(problem!(
             ["agent", "id"],
             "agent id must be 1-64 letters, digits, '.', '_' or '-'"
+        ));
+    }
+    if config.admin.as_ref().is_some_and(|a| a.listen.port() == 0) {
+        // Port 0 would bind a random port nobody knows to scrape.
+        out.push(problem!(
+            ["admin", "listen"],
+            "admin.listen needs a port other than 0"
         ));
     }
 
@@ -556,6 +655,10 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<std::net::SocketAddr, 
     })
 }
 
+/// The longest duration a setting may take. Timers and `Instant` arithmetic
+/// overflow (and panic) far beyond it, and no setting needs more.
+pub const LONGEST: Duration = Duration::from_secs(24 * 3600);
+
 /// A duration written the human way: `"500ms"`, `"10s"`, `"5m"`, `"7d"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -636,9 +739,9 @@ impl BackoffConfig {
     }
 
     pub fn validate(&self, path: &[PathSeg]) -> Option<Problem> {
-        (self.min.0.is_zero() || self.min > self.max).then(|| Problem {
+        (self.min.0.is_zero() || self.min > self.max || self.max.0 > LONGEST).then(|| Problem {
             path: path.to_vec(),
-            message: "backoff needs 0 < min <= max".to_string(),
+            message: "backoff needs 0 < min <= max <= 24h".to_string(),
         })
     }
 }
@@ -800,6 +903,162 @@ name = "out"
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert_eq!((errs[0].line, errs[0].col), (20, 11), "{}", errs[0]);
         assert!(errs[0].message.contains("two registers"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_in_different_tables_are_all_reported_in_one_run() {
+        let text = r#"[agent]
+id = "gw-1"
+colour = "red"
+
+[[source.simulator]]
+name = "sim"
+
+[store]
+max_bytes = "64MiB"
+cache_capacity = true
+
+[[sink.http]]
+name = "cloud"
+url = "https://example.com/events"
+retries = 3
+"#;
+        let errs = load(text).unwrap_err();
+        let found: Vec<(usize, usize)> = errs.iter().map(|e| (e.line, e.col)).collect();
+        assert_eq!(found, [(3, 1), (10, 18), (15, 1)], "{errs:#?}");
+        assert!(errs[0].message.contains("colour"), "{}", errs[0]);
+        assert!(errs[1].message.contains("invalid type"), "{}", errs[1]);
+        assert!(errs[2].message.contains("retries"), "{}", errs[2]);
+    }
+
+    #[test]
+    fn several_mistakes_in_one_table_are_each_reported_once() {
+        let text = r#"[agent]
+id = "gw-1"
+
+[[source.mqtt]]
+name = "m"
+url = 5
+topics = ["a/#"]
+reconnect = { min = "1s", maxx = "2s" }
+qos = "one"
+nme = "typo"
+
+[[sink.console]]
+name = "out"
+"#;
+        let errs = load(text).unwrap_err();
+        let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        // `url` is required: taking it out for its wrong type does not add a
+        // "missing field" error on top.
+        assert_eq!(lines, [6, 8, 9, 10], "{errs:#?}");
+    }
+
+    #[test]
+    fn a_syntax_error_is_reported_alone() {
+        let errs = load("[agent]\nid = \"x\"\ncolour = \n").unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(errs[0].line, 3);
+    }
+
+    #[test]
+    fn settings_their_consumers_cannot_honour_are_refused() {
+        let mqtt = "[[source.mqtt]]\nname = \"m\"\nurl = \"mqtt://b\"\ntopics = [\"a/#\"]\n";
+        let serial = "[[source.serial]]\nname = \"s\"\npath = \"/dev/ttyS9\"\nformat = \"json\"\n";
+        let http = "[[sink.http]]\nname = \"h\"\nurl = \"https://example.com\"\n";
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                mqtt,
+                "keep_alive = \"65536s\"",
+                "keep_alive must be whole seconds",
+            ),
+            (
+                mqtt,
+                "keep_alive = \"1500ms\"",
+                "keep_alive must be whole seconds",
+            ),
+            (
+                mqtt,
+                "keep_alive = \"500ms\"",
+                "keep_alive must be whole seconds",
+            ),
+            (
+                mqtt,
+                "reconnect = { min = \"1s\", max = \"400d\" }",
+                "backoff needs",
+            ),
+            (
+                serial,
+                "write = { timeout = \"400d\" }",
+                "write.timeout must be more than 0 and at most 24h",
+            ),
+            (
+                serial,
+                "write = { max_age = \"0s\" }",
+                "write.max_age must be more than 0",
+            ),
+            (
+                serial,
+                "write = { queue = 0 }",
+                "write.queue must be between 1",
+            ),
+            (
+                serial,
+                "reopen = { min = \"0s\", max = \"1s\" }",
+                "backoff needs",
+            ),
+            (
+                http,
+                "timeout = \"30d\"",
+                "timeout must be more than 0 and at most 24h",
+            ),
+            (http, "timeout = \"0s\"", "timeout must be more than 0"),
+            (
+                http,
+                "retry = { min = \"2s\", max = \"1s\" }",
+                "backoff needs",
+            ),
+            (http, "max_in_flight = 0", "max_in_flight must be 1..=64"),
+            (
+                "[[source.simulator]]\nname = \"x\"\n",
+                "interval = \"1000d\"",
+                "interval must be at least 1ms and at most 24h",
+            ),
+            (
+                "[store]\n",
+                "cache_capacity = 0",
+                "cache_capacity must be at least 64KiB",
+            ),
+            (
+                "[store]\n",
+                "cache_capacity = \"1KiB\"",
+                "cache_capacity must be at least 64KiB",
+            ),
+            ("[admin]\n", "listen = \"127.0.0.1:0\"", "port other than 0"),
+        ];
+        for (table, line, expected) in cases {
+            let text = format!("{MINIMAL}\n{table}{line}\n");
+            let errs = match load(&text) {
+                Err(e) => e,
+                Ok(_) => panic!("`{line}` was accepted"),
+            };
+            assert_eq!(errs.len(), 1, "`{line}`: {errs:#?}");
+            assert!(errs[0].message.contains(expected), "`{line}`: {}", errs[0]);
+            let at = text.lines().nth(errs[0].line - 1).unwrap_or_default();
+            assert_eq!(at, *line, "`{line}` is pointed at");
+        }
+    }
+
+    #[test]
+    fn the_largest_settings_their_consumers_honour_are_accepted() {
+        let text = format!(
+            "{MINIMAL}\n[[source.mqtt]]\nname = \"m\"\nurl = \"mqtt://b\"\ntopics = [\"a/#\"]\n\
+             keep_alive = \"65535s\"\nreconnect = {{ min = \"1s\", max = \"24h\" }}\n\
+             \n[store]\ncache_capacity = \"64KiB\"\n"
+        );
+        if let Err(e) = load(&text) {
+            panic!("{e:#?}");
+        }
     }
 
     #[test]

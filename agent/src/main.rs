@@ -107,6 +107,10 @@ fn main() -> ExitCode {
             data_dir,
             log_format,
         } => {
+            // The store holds readings and the rule state: readable by the agent's
+            // user only, also when the data dir is created outside systemd
+            // (`StateDirectory=` already makes the directory 0700).
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
             init_logs(log_format);
             match run(config, data_dir) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -262,13 +266,16 @@ fn rules_test(
 }
 
 fn run(config: PathBuf, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let loaded = Loaded::from_file(&config).map_err(|d| {
+    let loaded = Loaded::from_file(&config).map_err(|problems| {
+        // One log line per problem, like rule file errors: a diagnostic's snippet
+        // and caret lines would only show as escaped line breaks.
+        for p in &problems {
+            let at = format!("{}:{}:{}", p.file, p.line, p.col);
+            tracing::error!(%at, message = %p.message, "config error");
+        }
         anyhow::anyhow!(
-            "invalid config:\n{}",
-            d.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
+            "invalid config: {} problem(s); `ferry check` lists them too",
+            problems.len()
         )
     })?;
     let data_dir = data_dir.unwrap_or_else(|| loaded.data_dir());

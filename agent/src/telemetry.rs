@@ -6,11 +6,29 @@
 //! failures and logs them once per change). Metrics are Prometheus counters served on
 //! the `[admin] listen` address; without it the counters cost next to nothing and no
 //! port is opened.
+//!
+//! Log lines cannot be forged: device ids, topics, payload snippets and rule-file
+//! text reach the logs from outside, so the text format escapes every control
+//! character in every field and message ([`EscapedFields`]); a newline or an ANSI
+//! escape in a device id shows as `\n` or `\u{1b}`, never as a new line or a colour.
+//! The JSON format needs nothing more: JSON strings cannot hold a raw control
+//! character.
 
+use std::fmt::{self, Write as _};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tracing::debug;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FormatFields, MakeWriter};
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -23,18 +41,145 @@ pub enum LogFormat {
 pub fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,tokio_modbus=off"));
+    // Err only if a logger is already installed, which `ferry run` never does twice.
+    let _ = subscriber(
+        format,
+        filter,
+        std::io::stderr,
+        std::io::stderr().is_terminal(),
+    )
+    .try_init();
+}
+
+/// The log subscriber for `format`, writing to `writer`.
+fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         // When stderr cannot be written (its reader gone, a full disk), a log line is
         // lost, but the default would report that with eprintln!, which panics and
         // kills whichever task was logging: a signal handler, a source.
         .log_internal_errors(false)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(ansi);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => Box::new(builder.fmt_fields(EscapedFields).finish()),
+        LogFormat::Json => Box::new(builder.json().finish()),
     }
+}
+
+/// Formats the fields of text log lines like tracing's default (`message`, then
+/// `name=value` pairs), with every control character in names' values and in the
+/// message escaped, so input can never start a line of its own or recolour one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EscapedFields;
+
+impl<'w> FormatFields<'w> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = EscapingVisitor {
+            ansi: writer.has_ansi_escapes(),
+            writer,
+            result: Ok(()),
+            empty: true,
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'w> {
+    writer: Writer<'w>,
+    /// Whether field names may be styled (stderr is a terminal).
+    ansi: bool,
+    result: fmt::Result,
+    /// Nothing written yet, so no separating space is due.
+    empty: bool,
+}
+
+impl Visit for EscapingVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.record_debug(field, &format_args!("{}", ErrorChain(value)));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let name = field.name();
+        // Metadata of records from the `log` crate, already shown as the target.
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        self.result = (|| {
+            if !std::mem::take(&mut self.empty) {
+                self.writer.write_char(' ')?;
+            }
+            if name != "message" {
+                if self.ansi {
+                    write!(self.writer, "\x1b[3m{name}\x1b[0m\x1b[2m=\x1b[0m")?;
+                } else {
+                    write!(self.writer, "{name}=")?;
+                }
+            }
+            write!(Escaping(&mut self.writer), "{value:?}")
+        })();
+    }
+}
+
+/// An error and its sources, `outer: inner: root`.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// Passes text through with control characters (C0, DEL, C1) and the Unicode line
+/// and paragraph separators written as escapes.
+struct Escaping<'a, W>(&'a mut W);
+
+impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut plain = 0;
+        for (i, c) in s.char_indices() {
+            if !needs_escape(c) {
+                continue;
+            }
+            self.0.write_str(&s[plain..i])?;
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                c => write!(self.0, "\\u{{{:x}}}", u32::from(c))?,
+            }
+            plain = i + c.len_utf8();
+        }
+        self.0.write_str(&s[plain..])
+    }
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,17 +189,135 @@ pub struct MetricsError {
     reason: String,
 }
 
-/// Serves `GET /metrics` on `addr`. Must run inside the tokio runtime.
+/// Connections served at once; more are closed at once, so a flood of connections
+/// costs the agent nothing but the accepts.
+const MAX_CONNECTIONS: usize = 16;
+/// The longest request head read; a scraper's is a few hundred bytes.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Time a client has to send its request and read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `GET /metrics` on `addr`, and nothing else: other paths get 404, other
+/// methods 405. Must run inside the tokio runtime.
 pub fn serve_metrics(addr: SocketAddr) -> Result<(), MetricsError> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| MetricsError {
-            addr,
-            reason: e.to_string(),
-        })?;
+    let error = |reason: String| MetricsError { addr, reason };
+    // Bound here, not in the task, so a port in use stops the start with its reason.
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|e| error(e.to_string()))?;
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| error(e.to_string()))?;
     describe();
+    tokio::spawn(accept(listener, handle));
     Ok(())
+}
+
+async fn accept(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(error) => {
+                // Out of file descriptors, most likely: wait instead of spinning.
+                debug!(%error, "cannot accept a metrics connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, "too many metrics connections; closing this one");
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(error) = tokio::time::timeout(CLIENT_TIMEOUT, respond(stream, &handle)).await
+            {
+                debug!(%peer, %error, "metrics client too slow; closed");
+            }
+        });
+    }
+}
+
+/// Reads one request head and answers it, then closes the connection.
+async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > MAX_REQUEST {
+            let _ = stream.write_all(&answer(431, "", "")).await;
+            return;
+        }
+    }
+    let response = match route(&head) {
+        Route::Metrics => {
+            handle.run_upkeep();
+            answer(200, "text/plain; version=0.0.4", &handle.render())
+        }
+        Route::NotFound => answer(404, "", ""),
+        Route::WrongMethod => answer(405, "", ""),
+        Route::Bad => answer(400, "", ""),
+    };
+    let _ = stream.write_all(&response).await;
+    let _ = stream.shutdown().await;
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Metrics,
+    NotFound,
+    WrongMethod,
+    Bad,
+}
+
+/// What a request head asks for. Only the request line matters.
+fn route(head: &[u8]) -> Route {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let Ok(line) = std::str::from_utf8(line) else {
+        return Route::Bad;
+    };
+    let mut parts = line.trim_end_matches('\r').split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Route::Bad;
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Route::Bad;
+    }
+    // A scraper may add a query string; it changes nothing.
+    let path = target.split('?').next().unwrap_or_default();
+    match (path, method) {
+        ("/metrics", "GET") => Route::Metrics,
+        ("/metrics", _) => Route::WrongMethod,
+        _ => Route::NotFound,
+    }
+}
+
+/// A complete HTTP/1.1 response that closes the connection.
+fn answer(status: u16, content_type: &str, body: &str) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Request Header Fields Too Large",
+    };
+    let mut out = format!("HTTP/1.1 {status} {reason}\r\nConnection: close\r\n");
+    if status == 405 {
+        out.push_str("Allow: GET\r\n");
+    }
+    if !content_type.is_empty() {
+        out.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    out.into_bytes()
 }
 
 /// Publishes how much the store holds (after a commit or a trim).
@@ -109,6 +372,10 @@ fn describe() {
         "Rule evaluation errors, by rule."
     );
     d!(
+        "ferry_source_disconnects_total",
+        "MQTT connections lost and connection attempts failed, by source and reason."
+    );
+    d!(
         "ferry_modbus_polls_total",
         "Modbus polls sent, by source and slave."
     );
@@ -116,4 +383,131 @@ fn describe() {
         "ferry_modbus_errors_total",
         "Modbus polls that failed, reads refused with an exception and values left out, by source, slave and reason."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    fn escape_control(s: &str) -> String {
+        let mut out = String::new();
+        Escaping(&mut out).write_str(s).unwrap();
+        out
+    }
+
+    /// A device id that, written raw, would end the line and start a fake one in red.
+    const FORGED: &str =
+        "dev\n2026-01-01T00:00:00Z  INFO fake line \u{1b}[31mred\r\u{7f}\u{85}\u{2028}end";
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl MakeWriter<'_> for Captured {
+        type Writer = Captured;
+        fn make_writer(&self) -> Captured {
+            self.clone()
+        }
+    }
+
+    fn log_forged(format: LogFormat, ansi: bool) -> String {
+        let out = Captured::default();
+        let sub = subscriber(format, EnvFilter::new("info"), out.clone(), ansi);
+        tracing::subscriber::with_default(sub, || {
+            let error = std::io::Error::other(FORGED);
+            let span = tracing::info_span!("source", name = %FORGED);
+            let _in = span.enter();
+            tracing::warn!(device = %FORGED, topic = FORGED, %error, "reading from {FORGED} refused");
+        });
+        let bytes = out.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn text_logs_escape_control_characters_in_fields_spans_and_the_message() {
+        for ansi in [false, true] {
+            let text = log_forged(LogFormat::Text, ansi);
+            assert_eq!(text.matches('\n').count(), 1, "one line: {text:?}");
+            assert!(text.ends_with('\n'), "{text:?}");
+            assert!(
+                !text.contains("\u{1b}[31m"),
+                "no colour from input: {text:?}"
+            );
+            for raw in ['\r', '\u{7f}', '\u{85}', '\u{2028}'] {
+                assert!(!text.contains(raw), "{raw:?} written raw: {text:?}");
+            }
+            let escaped =
+                r"dev\n2026-01-01T00:00:00Z  INFO fake line \u{1b}[31mred\r\u{7f}\u{85}\u{2028}end";
+            // message, span field, device, topic (quoted) and error.
+            assert_eq!(text.matches(escaped).count(), 5, "{text:?}");
+            if !ansi {
+                assert!(!text.contains('\u{1b}'), "{text:?}");
+                assert!(text.contains(&format!("device={escaped}")), "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_logs_stay_one_valid_json_object_per_line_with_the_value_intact() {
+        let text = log_forged(LogFormat::Json, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text:?}");
+        assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(line["fields"]["device"], FORGED);
+        assert_eq!(line["fields"]["topic"], FORGED);
+    }
+
+    #[test]
+    fn only_get_metrics_is_served_other_paths_are_not_found_and_other_methods_not_allowed() {
+        let cases: &[(&[u8], Route)] = &[
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", Route::Metrics),
+            (b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n", Route::Metrics),
+            (b"GET / HTTP/1.1\r\n\r\n", Route::NotFound),
+            (b"GET /metrics/ HTTP/1.1\r\n\r\n", Route::NotFound),
+            (b"GET /../metrics HTTP/1.1\r\n\r\n", Route::NotFound),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", Route::WrongMethod),
+            (b"DELETE /metrics HTTP/1.1\r\n\r\n", Route::WrongMethod),
+            (b"GET /metrics\r\n\r\n", Route::Bad),
+            (b"GET /metrics SPDY/3\r\n\r\n", Route::Bad),
+            (b"\xff\xfe /metrics HTTP/1.1\r\n\r\n", Route::Bad),
+        ];
+        for (head, expected) in cases {
+            assert_eq!(
+                route(head),
+                *expected,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn a_405_names_the_method_allowed_and_every_answer_has_its_length() {
+        let text = String::from_utf8(answer(405, "", "")).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("\r\nAllow: GET\r\n"), "{text}");
+        let ok = String::from_utf8(answer(200, "text/plain", "a 1\n")).unwrap();
+        assert!(ok.ends_with("Content-Length: 4\r\n\r\na 1\n"), "{ok}");
+    }
+
+    #[test]
+    fn plain_text_passes_unchanged_and_controls_are_escaped() {
+        assert_eq!(escape_control("sensors/oven-1 °C"), "sensors/oven-1 °C");
+        assert_eq!(escape_control("a\nb\tc\u{0}"), r"a\nb\tc\u{0}");
+    }
 }

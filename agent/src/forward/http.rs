@@ -149,10 +149,10 @@ impl HttpSinkConfig {
                 self.name
             ));
         }
-        if self.timeout.0.is_zero() {
+        if self.timeout.0.is_zero() || self.timeout.0 > crate::config::LONGEST {
             out.push(problem!(
                 ["sink", "http", i, "timeout"],
-                "sink {:?}: timeout must be more than 0",
+                "sink {:?}: timeout must be more than 0 and at most 24h",
                 self.name
             ));
         }

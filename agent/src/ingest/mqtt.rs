@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use ferry_rules::Action;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, Publish, QoS,
-    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Outgoing, Packet, Publish,
+    QoS, StateError, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -33,6 +33,7 @@ use super::{Ack, Inlet, Input, Origin, Payload};
 use crate::backoff::Backoff;
 use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::decode::DeviceTemplate;
+use crate::ratelimit::RateLimit;
 use crate::tls::TlsConfig;
 
 /// `[[source.mqtt]]`
@@ -201,10 +202,16 @@ impl MqttSourceConfig {
                 "source {n:?}: password_file needs a username"
             ));
         }
-        if self.keep_alive.0 < Duration::from_secs(1) {
+        // MQTT carries keep-alive as whole seconds in 16 bits: a fraction would be
+        // cut off on the wire and 65536s would wrap to 0 (no keep-alive at all).
+        let keep_alive = self.keep_alive.0;
+        if !(Duration::from_secs(1)..=Duration::from_secs(u64::from(u16::MAX)))
+            .contains(&keep_alive)
+            || keep_alive.subsec_nanos() != 0
+        {
             out.push(problem!(
                 ["source", "mqtt", i, "keep_alive"],
-                "source {n:?}: keep_alive must be at least 1s"
+                "source {n:?}: keep_alive must be whole seconds from 1s to 65535s"
             ));
         }
         out.extend(self.reconnect.validate(&[
@@ -291,7 +298,7 @@ impl MqttSource {
             .iter()
             .map(|t| SubscribeFilter::new(t.clone(), self.cfg.qos()))
             .collect();
-        info!(source = %name, url = %self.cfg.url, client_id = %self.client_id, "MQTT source starting");
+        info!(source = %name, url = %loggable_url(&self.cfg.url), client_id = %self.client_id, "MQTT source starting");
 
         // `Some` while running; taken at shutdown so the pipeline and the acker can end.
         let mut running = Some((tx, ack_tx));
@@ -299,6 +306,9 @@ impl MqttSource {
         let mut connected = false;
         // Whether the current outage was logged at warn: once per outage, not per retry.
         let mut outage_reported = false;
+        // Connections that drop right after they are made (a packet over the client's
+        // limit, redelivered on every reconnect) would otherwise warn every second.
+        let mut log_limit = RateLimit::new(3, Duration::from_secs(60));
         let grace = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(grace);
 
@@ -378,17 +388,21 @@ impl MqttSource {
                         if running.is_none() {
                             break;
                         }
-                        if connected {
-                            warn!(source = %name, %error, "lost the broker; reconnecting with backoff");
-                            outage_reported = true;
-                        } else if !outage_reported {
+                        let reason = disconnect_reason(&error);
+                        metrics::counter!("ferry_source_disconnects_total", "source" => name.clone(), "reason" => reason).increment(1);
+                        let loud = connected || !outage_reported;
+                        match log_limit.check(std::time::Instant::now()).filter(|_| loud) {
+                            Some(suppressed) if connected => {
+                                warn!(source = %name, reason, %error, suppressed, "lost the broker; reconnecting with backoff");
+                            }
                             // Also the place a wrong password or an unreachable broker
                             // shows up first: say it loudly, once.
-                            warn!(source = %name, %error, "cannot connect to the broker; retrying with backoff");
-                            outage_reported = true;
-                        } else {
-                            debug!(source = %name, %error, "still cannot connect to the broker");
+                            Some(suppressed) => {
+                                warn!(source = %name, reason, %error, suppressed, "cannot connect to the broker; retrying with backoff");
+                            }
+                            None => debug!(source = %name, reason, %error, "still cannot connect to the broker"),
                         }
+                        outage_reported = true;
                         connected = false;
                         let delay = backoff.next_delay();
                         tokio::select! {
@@ -400,6 +414,43 @@ impl MqttSource {
             }
         }
         info!(source = %name, "MQTT source stopped");
+    }
+}
+
+/// The `reason` label of `ferry_source_disconnects_total` for an event-loop error.
+fn disconnect_reason(error: &ConnectionError) -> &'static str {
+    match error {
+        ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_),
+        )) => "packet_too_large",
+        ConnectionError::MqttState(StateError::Io(_) | StateError::ConnectionAborted)
+        | ConnectionError::Io(_) => "io",
+        ConnectionError::NetworkTimeout
+        | ConnectionError::FlushTimeout
+        | ConnectionError::MqttState(StateError::AwaitPingResp) => "timeout",
+        ConnectionError::Tls(_) => "tls",
+        ConnectionError::ConnectionRefused(
+            ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized,
+        ) => "auth",
+        ConnectionError::ConnectionRefused(_) => "refused",
+        ConnectionError::RequestsDone => "closed",
+        ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => "protocol",
+    }
+}
+
+/// The broker URL as it may be logged: without credentials, query or fragment,
+/// which could carry secrets.
+fn loggable_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            // Both fail only for URLs that cannot have credentials; nothing to strip.
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => "(invalid url)".to_string(),
     }
 }
 
@@ -481,6 +532,62 @@ mod tests {
         assert_eq!(c.qos, 1);
         assert_eq!(c.device, "{topic.1}");
         assert!(c.validate(0).is_empty());
+    }
+
+    #[test]
+    fn a_packet_over_the_client_limit_is_told_apart_from_other_disconnects() {
+        use rumqttc::mqttbytes::Error as Bytes;
+        let io = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let cases = [
+            (
+                ConnectionError::MqttState(StateError::Deserialization(
+                    Bytes::PayloadSizeLimitExceeded(2 << 20),
+                )),
+                "packet_too_large",
+            ),
+            (
+                ConnectionError::MqttState(StateError::Deserialization(Bytes::InvalidQoS(3))),
+                "protocol",
+            ),
+            (ConnectionError::Io(io()), "io"),
+            (ConnectionError::MqttState(StateError::Io(io())), "io"),
+            (
+                ConnectionError::MqttState(StateError::ConnectionAborted),
+                "io",
+            ),
+            (ConnectionError::NetworkTimeout, "timeout"),
+            (
+                ConnectionError::MqttState(StateError::AwaitPingResp),
+                "timeout",
+            ),
+            (
+                ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized),
+                "auth",
+            ),
+            (
+                ConnectionError::ConnectionRefused(ConnectReturnCode::ServiceUnavailable),
+                "refused",
+            ),
+            (
+                ConnectionError::MqttState(StateError::WrongPacket),
+                "protocol",
+            ),
+        ];
+        for (error, reason) in cases {
+            assert_eq!(disconnect_reason(&error), reason, "{error}");
+        }
+    }
+
+    #[test]
+    fn the_logged_url_has_no_query_fragment_or_credentials() {
+        assert_eq!(
+            loggable_url("mqtts://u:pw@broker.example:8883/?token=secret#frag"),
+            "mqtts://broker.example:8883/"
+        );
+        assert_eq!(
+            loggable_url("mqtt://127.0.0.1:1883"),
+            "mqtt://127.0.0.1:1883"
+        );
     }
 
     #[test]

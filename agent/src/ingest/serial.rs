@@ -284,10 +284,10 @@ impl SerialSourceConfig {
             ("max_age", self.write.max_age),
             ("timeout", self.write.timeout),
         ] {
-            if value.0.is_zero() {
+            if value.0.is_zero() || value.0 > crate::config::LONGEST {
                 out.push(problem!(
                     ["source", "serial", i, "write", key],
-                    "source {n:?}: write.{key} must be more than 0"
+                    "source {n:?}: write.{key} must be more than 0 and at most 24h"
                 ));
             }
         }

@@ -47,10 +47,13 @@ impl SimulatorConfig {
                 "devices must be 1..=10000"
             ));
         }
-        if self.interval.0 < std::time::Duration::from_millis(1) {
+        // tokio's interval adds the period to an Instant, which panics on overflow.
+        if self.interval.0 < std::time::Duration::from_millis(1)
+            || self.interval.0 > crate::config::LONGEST
+        {
             out.push(problem!(
                 ["source", "simulator", i, "interval"],
-                "interval must be at least 1ms"
+                "interval must be at least 1ms and at most 24h"
             ));
         }
         out

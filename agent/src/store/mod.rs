@@ -42,6 +42,9 @@ fn default_max_bytes() -> Bytes {
     Bytes(256 * 1024 * 1024)
 }
 
+/// The smallest `cache_capacity` accepted.
+const MIN_CACHE: u64 = 64 * 1024;
+
 fn default_cache() -> Bytes {
     Bytes(16 * 1024 * 1024)
 }
@@ -63,6 +66,14 @@ impl StoreConfig {
             out.push(problem!(
                 ["store", "max_bytes"],
                 "store.max_bytes must be at least 1MiB"
+            ));
+        }
+        // sled asserts a cache of at least 256 bytes (it splits it into 256 shards)
+        // and panics otherwise; anything that small would be useless anyway.
+        if self.cache_capacity.0 < MIN_CACHE {
+            out.push(problem!(
+                ["store", "cache_capacity"],
+                "store.cache_capacity must be at least 64KiB"
             ));
         }
         out
