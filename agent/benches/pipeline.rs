@@ -4,7 +4,11 @@
 //! ```sh
 //! cargo bench -p ferry-agent --bench pipeline -- [--readings N] [--mode binary|structured|batch]
 //!     [--batch-max N] [--offline] [--broker-inflight N] [--max-bytes SIZE]
+//!     [--pad BYTES]
 //! ```
+//!
+//! `--pad BYTES` adds a string of that many bytes to every reading (large payloads:
+//! memory and disk must stay bounded by configuration, not by what is sent).
 //!
 //! The broker keeps every queued message (`max_queued_messages` is raised from
 //! mosquitto's default of 1000, past which it drops messages for a slow subscriber)
@@ -34,6 +38,7 @@ struct Args {
     offline: bool,
     broker_inflight: u32,
     max_bytes: String,
+    pad: usize,
 }
 
 fn args() -> Args {
@@ -44,6 +49,7 @@ fn args() -> Args {
         offline: false,
         broker_inflight: 20,
         max_bytes: "256MiB".to_string(),
+        pad: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -59,6 +65,7 @@ fn args() -> Args {
                     .unwrap_or(a.batch_max)
             }
             "--offline" => a.offline = true,
+            "--pad" => a.pad = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.pad),
             "--max-bytes" => a.max_bytes = it.next().unwrap_or(a.max_bytes),
             "--broker-inflight" => {
                 a.broker_inflight = it
@@ -79,6 +86,18 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     status
         .lines()
         .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Resident set size of a process now, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -116,6 +135,9 @@ fn main() {
     let url = format!("http://127.0.0.1:{port}/events");
     let mut cfg = TestConfig::new("bench", &broker).http(&url, &args.mode);
     cfg.batch_max = args.batch_max;
+    if args.pad > 0 {
+        cfg.max_payload = Some(format!("{}B", args.pad + 1024));
+    }
     let config = cfg.toml().replace(
         "max_bytes = \"64MiB\"",
         &format!("max_bytes = {:?}", args.max_bytes),
@@ -124,8 +146,15 @@ fn main() {
     broker.wait_for_subscription(&cfg.client_id(), "sensors/+/telemetry");
     let pid = agent.pid().expect("agent running");
 
+    let pad = "x".repeat(args.pad);
     let lines: Vec<String> = (0..args.readings)
-        .map(|i| format!(r#"{{"seq":{i},"temperature":{}.5,"humidity":40}}"#, i % 40))
+        .map(|i| {
+            if pad.is_empty() {
+                format!(r#"{{"seq":{i},"temperature":{}.5,"humidity":40}}"#, i % 40)
+            } else {
+                format!(r#"{{"seq":{i},"temperature":{}.5,"pad":"{pad}"}}"#, i % 40)
+            }
+        })
         .collect();
     let start = Instant::now();
     // One mosquitto_pub per 10000 lines: a single `mosquitto_pub -l` was seen to
@@ -186,6 +215,8 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let rss = peak_rss_kib(pid);
+    let rss_after = rss_kib(pid);
+    let disk_after = dir_size(&agent.dir().join("data"));
     let elapsed = done_at.unwrap_or_else(|| drain_start.elapsed());
     let delivered = seen.len() as u64;
     let what = if args.offline {
@@ -250,5 +281,9 @@ fn main() {
         Some(kib) => println!("ferry peak RSS        {:.1} MiB", kib as f64 / 1024.0),
         None => println!("ferry peak RSS        unknown"),
     }
+    if let Some(kib) = rss_after {
+        println!("ferry RSS after       {:.1} MiB", kib as f64 / 1024.0);
+    }
+    println!("store on disk after   {:.1} MiB", mib(disk_after));
     drop(agent);
 }
