@@ -201,3 +201,44 @@ fn the_bundled_gateway_rules_replay_the_bundled_readings_as_documented() {
         "{stdout}"
     );
 }
+
+/// A rule whose work grows with the square of a reading's size.
+const PAIRS: &str = r#"[[rule]]
+id = "pairs"
+when = "a.exists(x, a.exists(y, x + y < 0.0))"
+emit = { type = "com.acme.pairs" }
+"#;
+
+#[test]
+fn a_nested_list_macro_is_a_warning_that_neither_check_fails_on() {
+    let dir = rules_dir(&[("pairs.toml", PAIRS)]);
+    let out = run(&["rules", "check", dir.path().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(text(&out.stdout).contains("ok (1 rules)"), "{err}");
+    assert!(
+        err.contains("pairs.toml:3:8: warning: `when` runs a list macro"),
+        "{err}"
+    );
+    assert!(!err.contains(" found"), "counted as an error: {err}");
+
+    let etc = tempfile::tempdir().unwrap();
+    let config = etc.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nid = \"t\"\n\n[[source.simulator]]\nname = \"demo\"\n\n\
+             [rules]\ndir = {:?}\n\n[[sink.console]]\nname = \"stdout\"\n",
+            dir.path()
+        ),
+    )
+    .unwrap();
+    let out = run(&["check", "--config", config.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(text(&out.stdout).contains("1 rules)"), "{err}");
+    assert!(
+        err.contains("pairs.toml:3:8: warning: `when` runs a list macro"),
+        "{err}"
+    );
+}

@@ -27,7 +27,12 @@ use tracing::{error, info, warn};
 /// checks no names, for `ferry rules check DIR` without a config). `Err` carries every
 /// problem in every file.
 pub fn load_dir(dir: &Path, known: &CheckOptions) -> Result<RuleSet, Vec<Diagnostic>> {
-    RuleSet::compile(&read_dir(dir)?, known)
+    let set = RuleSet::compile(&read_dir(dir)?, known)?;
+    for w in set.warnings() {
+        let at = format!("{}:{}:{}", w.file, w.line, w.col);
+        warn!(%at, message = %w.message, "rule file warning");
+    }
+    Ok(set)
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, Vec<Diagnostic>> {

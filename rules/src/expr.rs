@@ -20,6 +20,7 @@
 //! brackets deep or whose syntax tree is deeper than [`MAX_DEPTH`], which keeps
 //! evaluation well inside a 2 MiB thread stack (tokio's default), even in debug builds.
 
+use crate::cost::{Cost, MAX_EVAL_STEPS};
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::common::types::{CelBool, CelDouble, CelList, CelMap, CelMapKey, CelNull, CelString};
 use cel::common::value::Val;
@@ -67,6 +68,9 @@ pub(crate) fn new_env() -> Arc<Env> {
 #[derive(Debug)]
 pub(crate) struct Condition {
     program: Program,
+    /// The most work one evaluation can take, by the size of the reading. Boxed: a
+    /// rule's kind holds up to two conditions, and is kept small.
+    cost: Box<Cost>,
     /// The key the expression was written under, for messages.
     key: &'static str,
 }
@@ -131,12 +135,32 @@ impl Condition {
         if let Some(message) = never_true(program.expression(), key) {
             return Err(ExprError::whole(message));
         }
-        Ok(Condition { program, key })
+        let cost = Box::new(Cost::of(program.expression()));
+        Ok(Condition { program, cost, key })
+    }
+
+    pub(crate) fn cost(&self) -> &Cost {
+        &self.cost
     }
 
     /// Evaluates the condition. `Err` carries a message for an
     /// [`EvalError`](crate::EvalError).
     pub(crate) fn evaluate(&self, bindings: &Bindings<'_>) -> Result<bool, String> {
+        let steps = self.cost.steps(bindings.size);
+        if steps > MAX_EVAL_STEPS {
+            let steps = if steps == u64::MAX {
+                "more".to_owned()
+            } else {
+                format!("up to {steps}")
+            };
+            return Err(format!(
+                "`{}` not evaluated: on a reading this large (size {}: its values plus the \
+                 bytes of its strings and keys) it could take {steps} steps; the limit is \
+                 {MAX_EVAL_STEPS}. Avoid a list macro inside another (`exists`, `all`, \
+                 `map`, `filter`) on large lists",
+                self.key, bindings.size
+            ));
+        }
         let result = catch_unwind(AssertUnwindSafe(|| self.program.execute(&bindings.context)));
         match result {
             Ok(Ok(Value::Bool(b))) => Ok(b),
@@ -160,6 +184,9 @@ pub(crate) struct Bindings<'r> {
     /// Fields left out, and why: nested deeper than [`MAX_VALUE_DEPTH`], or a number
     /// that is not a finite `f64`.
     unusable: Vec<(&'r str, Unusable)>,
+    /// The `n` of [`Cost::steps`]: every value the expressions can see, plus the bytes
+    /// of every string and key (and of `device` and `source`).
+    size: u64,
 }
 
 impl<'r> Bindings<'r> {
@@ -168,18 +195,25 @@ impl<'r> Bindings<'r> {
     pub(crate) fn new(env: &Arc<Env>, reading: &crate::Reading<'r>) -> Self {
         let mut context = Context::with_env(Arc::clone(env));
         let mut unusable = Vec::new();
+        let mut size = 0u64;
         for (name, value) in reading.fields {
-            match to_val(value, 1) {
+            size = size.saturating_add(name.len() as u64);
+            match to_val(value, 1, &mut size) {
                 Ok(val) => context.add_variable_as_val(name.as_str(), val),
                 Err(why) => unusable.push((name.as_str(), why)),
             }
         }
         for (name, value) in [("device", reading.device), ("source", reading.source)] {
             if !reading.fields.contains_key(name) {
+                size = size.saturating_add(1 + value.len() as u64);
                 context.add_variable_as_val(name, Box::new(CelString::from(value)));
             }
         }
-        Bindings { context, unusable }
+        Bindings {
+            context,
+            unusable,
+            size,
+        }
     }
 }
 
@@ -201,11 +235,17 @@ impl fmt::Display for Unusable {
 }
 
 /// Converts a JSON value to a CEL value borrowing its strings (`depth` is this value's
-/// level, from 1); `Err` says why it cannot be.
-fn to_val<'r>(value: &'r serde_json::Value, depth: usize) -> Result<Box<dyn Val + 'r>, Unusable> {
+/// level, from 1), adding its size to `size` (see [`Bindings`]); `Err` says why it
+/// cannot be.
+fn to_val<'r>(
+    value: &'r serde_json::Value,
+    depth: usize,
+    size: &mut u64,
+) -> Result<Box<dyn Val + 'r>, Unusable> {
     if depth > MAX_VALUE_DEPTH {
         return Err(Unusable::TooDeep);
     }
+    *size = size.saturating_add(1);
     Ok(match value {
         serde_json::Value::Null => Box::new(CelNull),
         serde_json::Value::Bool(b) => Box::new(CelBool::from(*b)),
@@ -214,18 +254,25 @@ fn to_val<'r>(value: &'r serde_json::Value, depth: usize) -> Result<Box<dyn Val 
         serde_json::Value::Number(n) => {
             Box::new(CelDouble::from(n.as_f64().ok_or(Unusable::NumberTooLarge)?))
         }
-        serde_json::Value::String(s) => Box::new(CelString::from(s.as_str())),
+        serde_json::Value::String(s) => {
+            *size = size.saturating_add(s.len() as u64);
+            Box::new(CelString::from(s.as_str()))
+        }
         serde_json::Value::Array(items) => {
             let items = items
                 .iter()
-                .map(|item| to_val(item, depth + 1))
+                .map(|item| to_val(item, depth + 1, size))
                 .collect::<Result<Vec<_>, _>>()?;
             Box::new(CelList::from(items))
         }
         serde_json::Value::Object(map) => {
             let mut entries = HashMap::with_capacity(map.len());
             for (key, item) in map {
-                entries.insert(CelMapKey::from(key.as_str()), to_val(item, depth + 1)?);
+                *size = size.saturating_add(key.len() as u64);
+                entries.insert(
+                    CelMapKey::from(key.as_str()),
+                    to_val(item, depth + 1, size)?,
+                );
             }
             Box::new(CelMap::from(entries))
         }
