@@ -69,6 +69,16 @@ pub(crate) fn compile(
     let mut warnings = Vec::new();
     for source in files {
         let parsed = file::parse(&source.text);
+        if !parsed.errors.is_empty() && !file::looks_like_rules(&source.text) {
+            diagnostics.push(Diagnostic::whole_file(
+                &source.name,
+                format!(
+                    "cannot read as a rule file: {}",
+                    file::not_rules(&source.text)
+                ),
+            ));
+            continue;
+        }
         let mut found: Vec<(usize, String)> = parsed.errors;
         for def in parsed.rules {
             match checker.rule(source, def) {

@@ -433,6 +433,30 @@ fn isolate(text: &str, spans: &[Range<usize>]) -> Option<Parsed> {
     Some(parsed)
 }
 
+/// Whether `text` is meant as a rule file: some line starts a `[[rule]]` table (or a
+/// `[rule.x]` sub-table, or does either with a broken header) or sets `rule`. A file that is not (a config file, a key,
+/// `/etc/shadow` behind a symlink) and does not parse is reported as a whole,
+/// never quoted: its lines may be secrets, and a complaint about its third line
+/// helps no one.
+pub(crate) fn looks_like_rules(text: &str) -> bool {
+    text.lines().any(|line| {
+        let compact: String = line.chars().filter(|c| !c.is_whitespace()).collect();
+        ["[[rule", "[rule", "rule="]
+            .iter()
+            .any(|start| compact.starts_with(start))
+    })
+}
+
+/// Why `text`, which does not look like rule file, is not one, in words that quote
+/// nothing from it.
+pub(crate) fn not_rules(text: &str) -> &'static str {
+    if text.parse::<toml::Table>().is_err() {
+        "it is not TOML"
+    } else {
+        "it has no `[[rule]]` table"
+    }
+}
+
 /// The error's message on one line (toml puts what it expected on a second line).
 fn message(error: &toml::de::Error) -> String {
     error.message().trim().replace('\n', "; ")
