@@ -1283,7 +1283,16 @@ emit = { type = "" }
 
     #[test]
     fn sinks_are_not_checked_without_a_list_of_known_sinks() {
-        assert!(check(&[("a.toml", GOOD)], &CheckOptions::default()).is_ok());
+        let sinks = |rules: Vec<Rule>| -> Vec<Option<Vec<String>>> {
+            rules
+                .iter()
+                .map(|rule| rule.emit.as_ref().and_then(|emit| emit.to.clone()))
+                .collect()
+        };
+        assert_eq!(
+            check(&[("a.toml", GOOD)], &CheckOptions::default()).map(sinks),
+            Ok(vec![Some(vec!["cloud".to_owned()])])
+        );
         let none_known = CheckOptions {
             known_sinks: Some(Vec::new()),
             ..CheckOptions::default()

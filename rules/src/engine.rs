@@ -781,7 +781,16 @@ forward = false
         let soon = DateTime::<Utc>::UNIX_EPOCH + chrono::TimeDelta::minutes(14);
         assert_eq!(rules.tick(soon), Outcome::default());
         let late = DateTime::<Utc>::UNIX_EPOCH + chrono::TimeDelta::minutes(15);
-        assert_eq!(rules.tick(late).alerts.len(), 1);
+        let stale: Vec<_> = rules
+            .tick(late)
+            .alerts
+            .iter()
+            .map(|a| (a.rule.clone(), a.transition, a.device.clone()))
+            .collect();
+        assert_eq!(
+            stale,
+            [("silent".to_owned(), Transition::Fired, "d".to_owned())]
+        );
     }
 
     #[test]

@@ -827,8 +827,11 @@ mod tests {
 
     #[test]
     fn arithmetic_with_an_int_literal_fails_for_every_reading_alike() {
-        assert!(eval("t + 1 > 30", json!({"t": 31})).is_err());
-        assert!(eval("t + 1 > 30", json!({"t": 31.5})).is_err());
+        let mixed = "`+` cannot mix a double and an int; fields are doubles, so write numbers \
+                     next to them with a decimal point (`1.0`), or convert with `int(...)` or \
+                     `double(...)`";
+        assert_eq!(eval("t + 1 > 30", json!({"t": 31})), Err(mixed.into()));
+        assert_eq!(eval("t + 1 > 30", json!({"t": 31.5})), Err(mixed.into()));
         assert_eq!(eval("int(t) + 1 > 30", json!({"t": 31})), Ok(true));
     }
 
@@ -878,8 +881,10 @@ mod tests {
 
     #[test]
     fn a_wrong_type_is_an_error_not_a_panic() {
-        let err = eval("door > 3", json!({"door": "open"})).unwrap_err();
-        assert!(err.contains("no matching overload"), "{err}");
+        assert_eq!(
+            eval("door > 3", json!({"door": "open"})),
+            Err("found no matching overload for '_>_' applied to '(string, int)'".into())
+        );
     }
 
     #[test]
@@ -969,7 +974,10 @@ mod tests {
         }
         let err = eval("deep.a == 1", json!({ "deep": deep, "t": 1 })).unwrap_err();
         assert_eq!(err, "field `deep` nests more than 32 levels deep");
-        assert_eq!(eval("t == 1", json!({ "deep": deep })).ok(), None);
+        assert_eq!(
+            eval("t == 1", json!({ "deep": deep })),
+            Err("no field or function `t` in this reading".into())
+        );
         assert_eq!(eval("t == 1", json!({ "deep": deep, "t": 1 })), Ok(true));
     }
 
@@ -1186,33 +1194,78 @@ mod tests {
     }
 
     #[test]
-    fn the_longest_nastiest_expressions_compile_without_crashing() {
+    fn the_longest_nastiest_expressions_are_refused_or_evaluate() {
         // At the length cap, nothing the parser is given crashes it (on the compile
-        // stack) and every one is either refused or shallow enough to evaluate.
+        // stack) and every one is either refused by a limit or shallow enough to
+        // evaluate on a 2 MiB stack.
         let env = new_env();
-        let thread = std::thread::Builder::new()
+        let compiled = std::thread::Builder::new()
             .stack_size(COMPILE_STACK_SIZE)
-            .spawn(move || {
-                let n = MAX_EXPRESSION_LEN;
-                let exprs = [
-                    format!("{}t{}", "(".repeat(n / 2 - 1), ")".repeat(n / 2 - 1)),
-                    format!("{}1{}", "[".repeat(n / 2 - 1), "]".repeat(n / 2 - 1)),
-                    format!("{}true", "!".repeat(n - 4)),
-                    format!("{}1", "-".repeat(n - 1)),
-                    "1+".repeat(n / 2 - 1) + "1",
-                    "t?t:".repeat(n / 4 - 1) + "t",
-                    "m".to_string() + &".a".repeat(n / 2 - 1),
-                    "t&&".repeat(n / 3 - 1) + "t",
-                ];
-                exprs
-                    .iter()
-                    .map(|expr| Condition::compile(&env, W, expr).map(|_| ()))
-                    .collect::<Vec<_>>()
-            });
-        let results = thread.map(|t| t.join());
-        let Ok(Ok(results)) = results else {
-            panic!("compiling thread failed");
+            .spawn({
+                let env = Arc::clone(&env);
+                move || {
+                    let n = MAX_EXPRESSION_LEN;
+                    let exprs = [
+                        format!("{}t{}", "(".repeat(n / 2 - 1), ")".repeat(n / 2 - 1)),
+                        format!("{}1{}", "[".repeat(n / 2 - 1), "]".repeat(n / 2 - 1)),
+                        format!("{}true", "!".repeat(n - 4)),
+                        format!("{}1", "-".repeat(n - 1)),
+                        "1+".repeat(n / 2 - 1) + "1",
+                        "t?t:".repeat(n / 4 - 1) + "t",
+                        "m".to_string() + &".a".repeat(n / 2 - 1),
+                        "t&&".repeat(n / 3 - 1) + "t",
+                    ];
+                    exprs
+                        .iter()
+                        .map(|expr| Condition::compile(&env, W, expr))
+                        .collect::<Vec<_>>()
+                }
+            })
+            .map(|thread| thread.join());
+        let Ok(Ok(compiled)) = compiled else {
+            panic!("the compiling thread failed");
         };
-        assert_eq!(results.len(), 8);
+        let evaluated = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let fields = serde_json::Map::from_iter([("t".to_owned(), json!(true))]);
+                let reading = crate::Reading {
+                    source: "s",
+                    device: "d",
+                    time: Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
+                    fields: &fields,
+                };
+                let bindings = Bindings::new(&env, &reading);
+                compiled
+                    .into_iter()
+                    .map(|c| c.map(|c| c.evaluate(&bindings)))
+                    .collect::<Vec<_>>()
+            })
+            .map(|thread| thread.join());
+        let Ok(Ok(results)) = evaluated else {
+            panic!("the evaluating thread failed");
+        };
+        let brackets = || {
+            Err(ExprError::at(
+                MAX_NESTING,
+                "brackets nest too deeply; the limit is 32 levels",
+            ))
+        };
+        let deep = || Err(ExprError::whole(too_deep_message(W)));
+        assert_eq!(
+            results,
+            [
+                brackets(),
+                brackets(),
+                Ok(Ok(true)),
+                Ok(Err(
+                    "`when` must give true or false, but gave the int -1".into()
+                )),
+                deep(),
+                deep(),
+                deep(),
+                Ok(Ok(true)),
+            ]
+        );
     }
 }
