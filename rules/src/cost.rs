@@ -196,6 +196,7 @@ impl<'a> Walk<'a> {
                 let body = times + range.amortized;
                 self.work(body);
                 let outer = self.vars.len();
+                let saved: Vec<Size> = self.vars.iter().map(|(_, size)| *size).collect();
                 if range.amortized < range.whole {
                     // The range is a loop variable (or made of one): its amortization
                     // is spent on this loop, so in the body every variable counts in
@@ -204,7 +205,6 @@ impl<'a> Walk<'a> {
                         size.amortized = size.whole;
                     }
                 }
-                let saved: Vec<Size> = self.vars.iter().map(|(_, size)| *size).collect();
                 let element = Size {
                     amortized: 0,
                     whole: range.whole,
@@ -361,6 +361,8 @@ mod tests {
             "a.exists(x, x.exists(y, y > 0.0))",
             "a.exists(x, x.exists(y, x == y))",
             "rooms.exists(r, r.sensors.exists(s, s > 30.0))",
+            // After the loop over `x`, `x` is amortized again.
+            "a.exists(x, x.exists(y, y > 0.0) && size(x + x) > 0)",
             "[1, 2].exists(i, a.exists(x, x > 1.0))",
         ] {
             let c = cost(expr);
