@@ -201,3 +201,126 @@ fn the_bundled_gateway_rules_replay_the_bundled_readings_as_documented() {
         "{stdout}"
     );
 }
+
+/// A rule whose work grows with the square of a reading's size.
+const PAIRS: &str = r#"[[rule]]
+id = "pairs"
+when = "a.exists(x, a.exists(y, x + y < 0.0))"
+emit = { type = "com.acme.pairs" }
+"#;
+
+#[test]
+fn a_nested_list_macro_is_a_warning_that_neither_check_fails_on() {
+    let dir = rules_dir(&[("pairs.toml", PAIRS)]);
+    let out = run(&["rules", "check", dir.path().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(text(&out.stdout).contains("ok (1 rules)"), "{err}");
+    assert!(
+        err.contains("pairs.toml:3:8: warning: `when` runs a list macro"),
+        "{err}"
+    );
+    assert!(!err.contains(" found"), "counted as an error: {err}");
+
+    let etc = config_for(dir.path());
+    let config = etc.path().join("ferry.toml");
+    let out = run(&["check", "--config", config.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(text(&out.stdout).contains("1 rules)"), "{err}");
+    assert!(
+        err.contains("pairs.toml:3:8: warning: `when` runs a list macro"),
+        "{err}"
+    );
+}
+
+/// A directory holding a `ferry.toml` whose rules are in `rules`.
+fn config_for(rules: &std::path::Path) -> tempfile::TempDir {
+    let etc = tempfile::tempdir().unwrap();
+    std::fs::write(
+        etc.path().join("ferry.toml"),
+        format!(
+            "[agent]\nid = \"t\"\n\n[[source.simulator]]\nname = \"demo\"\n\n\
+             [rules]\ndir = {rules:?}\n\n[[sink.console]]\nname = \"stdout\"\n"
+        ),
+    )
+    .unwrap();
+    etc
+}
+
+#[test]
+fn a_symlink_to_a_secret_file_is_reported_by_name_without_its_contents() {
+    let secrets = tempfile::tempdir().unwrap();
+    let shadow = secrets.path().join("shadow");
+    std::fs::write(
+        &shadow,
+        "root:SECRET-HASH:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n",
+    )
+    .unwrap();
+    let dir = rules_dir(&[("freezer.toml", FREEZER)]);
+    let link = dir.path().join("shadow.toml");
+    std::os::unix::fs::symlink(&shadow, &link).unwrap();
+
+    let etc = config_for(dir.path());
+    let config = etc.path().join("ferry.toml");
+    for args in [
+        vec!["rules", "check", dir.path().to_str().unwrap()],
+        vec!["check", "--config", config.to_str().unwrap()],
+    ] {
+        let out = run(&args);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(!out.status.success(), "{args:?}: {stdout}");
+        assert_eq!(
+            stderr,
+            format!(
+                "{}: cannot read as a rule file: it is not TOML\n1 error found\n",
+                link.display()
+            ),
+            "{args:?}"
+        );
+        assert!(
+            !stdout.contains("SECRET") && !stdout.contains("root"),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn a_binary_file_is_reported_by_name_and_does_not_hide_the_other_files_mistakes() {
+    let dir = rules_dir(&[
+        ("a.toml", FREEZER),
+        (
+            "c.toml",
+            "[[rule]]\nid = \"c\"\nwhen = \"temperature >\"\nemit = { type = \"t\" }\n",
+        ),
+    ]);
+    let binary = dir.path().join("b.toml");
+    std::fs::write(
+        &binary,
+        b"\x7fELF\x02\x01\x01\x00\xff\xfe[[rule]]\n\x00\x00",
+    )
+    .unwrap();
+    let out = run(&["rules", "check", dir.path().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let reports: Vec<&str> = err.lines().filter(|l| !l.starts_with("  ")).collect();
+    assert_eq!(
+        reports,
+        [
+            format!(
+                "{}: cannot read as a rule file: it is not UTF-8 text",
+                binary.display()
+            )
+            .as_str(),
+            format!(
+                "{}:3:22: syntax error in `when`: mismatched input '<EOF>' expecting {{'[', \
+                 '{{', '(', '.', '-', '!', 'true', 'false', 'null', NUM_FLOAT, NUM_INT, \
+                 NUM_UINT, STRING, BYTES, IDENTIFIER}}",
+                dir.path().join("c.toml").display()
+            )
+            .as_str(),
+            "2 errors found",
+        ]
+    );
+    assert!(!err.contains(":0:0"), "{err}");
+}

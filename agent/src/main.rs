@@ -131,7 +131,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         let c = &loaded.config;
         let rules = match loaded.rules_dir().filter(|d| d.is_dir()) {
             Some(dir) => match ferry_agent::rules::load_dir(&dir, &c.check_options()) {
-                Ok(set) => set.len(),
+                Ok(set) => {
+                    warn_about(&set);
+                    set.len()
+                }
                 Err(d) => {
                     problems.extend(d);
                     0
@@ -169,7 +172,17 @@ fn load_rules(
         },
         None => ferry_agent::rules::load_dir(dir, &Default::default()),
     };
-    result.map_err(|problems| report(&problems))
+    let set = result.map_err(|problems| report(&problems))?;
+    warn_about(&set);
+    Ok(set)
+}
+
+/// Prints the rule set's warnings. They do not change the exit code: the rules work,
+/// the installer decides.
+fn warn_about(set: &RuleSet) {
+    for w in set.warnings() {
+        eprintln!("{w}");
+    }
 }
 
 fn report(problems: &[ferry_rules::Diagnostic]) -> ExitCode {

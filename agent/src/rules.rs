@@ -21,45 +21,94 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+/// The largest rule file read. Rule files are a few kilobytes; this keeps a stray
+/// log file or a symlink to something huge from being read into memory.
+pub const MAX_RULE_FILE_BYTES: u64 = 1 << 20;
+
 /// Reads every `*.toml` file in `dir` (sorted, so rule order is stable) and compiles
 /// them, checking the sink and serial port names they use against `known` (from
 /// [`Config::check_options`](crate::config::Config::check_options); the default
 /// checks no names, for `ferry rules check DIR` without a config). `Err` carries every
-/// problem in every file.
+/// problem in every file: a file that cannot be read as a rule file is reported by
+/// name, and the others are still compiled and their problems reported too.
 pub fn load_dir(dir: &Path, known: &CheckOptions) -> Result<RuleSet, Vec<Diagnostic>> {
-    RuleSet::compile(&read_dir(dir)?, known)
+    let (files, mut problems) = read_dir(dir)?;
+    let result = RuleSet::compile(&files, known);
+    let set = match result {
+        Ok(set) if problems.is_empty() => set,
+        Ok(_) => return Err(problems),
+        Err(found) => {
+            problems.extend(found);
+            // Stable: each file's problems stay in the order of their places.
+            problems.sort_by(|a, b| a.file.cmp(&b.file));
+            return Err(problems);
+        }
+    };
+    for w in set.warnings() {
+        let at = format!("{}:{}:{}", w.file, w.line, w.col);
+        warn!(%at, message = %w.message, "rule file warning");
+    }
+    Ok(set)
 }
 
-fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, Vec<Diagnostic>> {
-    let io_err = |path: &Path, e: std::io::Error| Diagnostic {
-        file: path.display().to_string(),
-        line: 0,
-        col: 0,
-        message: format!("cannot read: {e}"),
-        snippet: String::new(),
-    };
+/// The rule files of `dir` that could be read, and a problem for each that could
+/// not. `Err` if `dir` itself cannot be listed.
+fn read_dir(dir: &Path) -> Result<(Vec<SourceFile>, Vec<Diagnostic>), Vec<Diagnostic>> {
     let mut paths: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| vec![io_err(dir, e)])?
+        .map_err(|e| {
+            vec![Diagnostic::whole_file(
+                &dir.display().to_string(),
+                format!("cannot read: {e}"),
+            )]
+        })?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     paths.sort();
     let mut files = Vec::with_capacity(paths.len());
-    let mut errors = Vec::new();
+    let mut problems = Vec::new();
     for p in paths {
-        match std::fs::read_to_string(&p) {
-            Ok(text) => files.push(SourceFile {
-                name: p.display().to_string(),
-                text,
-            }),
-            Err(e) => errors.push(io_err(&p, e)),
+        let name = p.display().to_string();
+        match read_rule_file(&p) {
+            Ok(Some(text)) => files.push(SourceFile { name, text }),
+            Ok(None) => {}
+            Err(why) => problems.push(Diagnostic::whole_file(&name, why)),
         }
     }
-    if errors.is_empty() {
-        Ok(files)
-    } else {
-        Err(errors)
+    Ok((files, problems))
+}
+
+/// The text of the rule file at `path`, following symlinks (Kubernetes mounts a
+/// ConfigMap's files as symlinks); `None` for a symlink to nothing (an editor's lock
+/// file, such as Emacs's `.#rules.toml`). `Err` says why it is not read, in words
+/// that quote nothing from it.
+fn read_rule_file(path: &Path) -> Result<Option<String>, String> {
+    use std::io::Read;
+
+    let not = |why: &str| format!("cannot read as a rule file: {why}");
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_symlink() => return Ok(None),
+        Err(e) => return Err(format!("cannot read: {e}")),
+    };
+    // A FIFO or a device would block the read or never end.
+    if !meta.is_file() {
+        return Err(not("it is not a regular file"));
     }
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_RULE_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_RULE_FILE_BYTES {
+        return Err(not(&format!(
+            "it is larger than {} KiB",
+            MAX_RULE_FILE_BYTES / 1024
+        )));
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| not("it is not UTF-8 text"))
 }
 
 /// Listens for SIGHUP and, if `watch_files`, watches `dir`; sends every successfully
@@ -147,7 +196,11 @@ pub async fn watch(
             Err(problems) => {
                 metrics::counter!("ferry_rules_reloads_total", "result" => "failed").increment(1);
                 for p in &problems {
-                    let at = format!("{}:{}:{}", p.file, p.line, p.col);
+                    let at = if p.line == 0 {
+                        p.file.clone()
+                    } else {
+                        format!("{}:{}:{}", p.file, p.line, p.col)
+                    };
                     error!(%at, message = %p.message, "rule file error");
                 }
                 warn!(

@@ -1,5 +1,6 @@
 //! Turning rule files into [`Rule`]s, reporting every mistake in every file.
 
+use crate::cost::MAX_EVAL_STEPS;
 use crate::diagnostic::Diagnostic;
 use crate::duration;
 use crate::expr::{self, Condition};
@@ -44,21 +45,40 @@ pub struct CheckOptions {
     pub known_serial_ports: Option<Vec<String>>,
 }
 
+/// What compiling gives when nothing is wrong: the rules, and the warnings about
+/// rules that work but may not work as meant.
+pub(crate) struct Compiled {
+    pub rules: Vec<Rule>,
+    pub warnings: Vec<Diagnostic>,
+}
+
 /// Checks and compiles every rule of every file. Needs a big stack (it compiles CEL).
 pub(crate) fn compile(
     files: &[SourceFile],
     opts: &CheckOptions,
     env: &Env,
-) -> Result<Vec<Rule>, Vec<Diagnostic>> {
+) -> Result<Compiled, Vec<Diagnostic>> {
     let mut checker = Checker {
         opts,
         env,
         ids: HashMap::new(),
+        warnings: Vec::new(),
     };
     let mut rules = Vec::new();
     let mut diagnostics = Vec::new();
+    let mut warnings = Vec::new();
     for source in files {
         let parsed = file::parse(&source.text);
+        if !parsed.errors.is_empty() && !file::looks_like_rules(&source.text) {
+            diagnostics.push(Diagnostic::whole_file(
+                &source.name,
+                format!(
+                    "cannot read as a rule file: {}",
+                    file::not_rules(&source.text)
+                ),
+            ));
+            continue;
+        }
         let mut found: Vec<(usize, String)> = parsed.errors;
         for def in parsed.rules {
             match checker.rule(source, def) {
@@ -72,9 +92,15 @@ pub(crate) fn compile(
                 .into_iter()
                 .map(|(at, message)| Diagnostic::at(&source.name, &source.text, at, message)),
         );
+        warnings.extend(
+            checker
+                .warnings
+                .drain(..)
+                .map(|(at, message)| Diagnostic::at(&source.name, &source.text, at, message)),
+        );
     }
     if diagnostics.is_empty() {
-        Ok(rules)
+        Ok(Compiled { rules, warnings })
     } else {
         Err(diagnostics)
     }
@@ -88,6 +114,8 @@ struct Checker<'a> {
     env: &'a Env,
     /// Every id seen so far, across files, for duplicate detection.
     ids: HashMap<String, Place>,
+    /// Warnings about the file being checked.
+    warnings: Vec<Found>,
 }
 
 /// `(byte offset into the file, message)`.
@@ -377,14 +405,20 @@ impl Checker<'_> {
 
     /// Compiles a condition written under `key`.
     fn condition(
-        &self,
+        &mut self,
         text: &str,
         source: &Spanned<String>,
         key: &'static str,
         errors: &mut Vec<Found>,
     ) -> Option<Condition> {
         match Condition::compile(self.env, key, source.get_ref()) {
-            Ok(condition) => Some(condition),
+            Ok(condition) => {
+                if let Some(warning) = costly(&condition, key) {
+                    self.warnings
+                        .push((string_offset(text, source, None), warning));
+                }
+                Some(condition)
+            }
             Err(error) => {
                 errors.push((string_offset(text, source, error.offset), error.message));
                 None
@@ -1017,6 +1051,27 @@ fn glob(
     }
 }
 
+/// A warning for a condition whose work grows with the square of a reading's size or
+/// faster: it works on small readings and fails with an evaluation error on large
+/// ones, which an installer testing with small readings would not see.
+fn costly(condition: &Condition, key: &str) -> Option<String> {
+    let cost = condition.cost();
+    if cost.degree() < 2 {
+        return None;
+    }
+    let why = if cost.nesting >= 2 {
+        "runs a list macro (`all`, `exists`, `exists_one`, `map`, `filter`) inside another"
+    } else {
+        "does work on a whole field inside a list macro (like `x in list` or `list + [x]` \
+         inside `exists`)"
+    };
+    Some(format!(
+        "warning: `{key}` {why}, so its work grows with the square of a reading's size or \
+         faster; a reading with large lists gets an evaluation error instead of a result \
+         once the work could pass {MAX_EVAL_STEPS} steps"
+    ))
+}
+
 /// The file offset of byte `at` of the string value `value`; of its opening quote
 /// for `None` (a mistake in the value as a whole).
 fn string_offset(text: &str, value: &Spanned<String>, at: Option<usize>) -> usize {
@@ -1167,7 +1222,7 @@ mod tests {
                 text: (*text).into(),
             })
             .collect();
-        compile(&files, opts, &crate::expr::new_env())
+        compile(&files, opts, &crate::expr::new_env()).map(|c| c.rules)
     }
 
     /// `file:line:col: message` of every diagnostic.
@@ -1228,7 +1283,16 @@ emit = { type = "" }
 
     #[test]
     fn sinks_are_not_checked_without_a_list_of_known_sinks() {
-        assert!(check(&[("a.toml", GOOD)], &CheckOptions::default()).is_ok());
+        let sinks = |rules: Vec<Rule>| -> Vec<Option<Vec<String>>> {
+            rules
+                .iter()
+                .map(|rule| rule.emit.as_ref().and_then(|emit| emit.to.clone()))
+                .collect()
+        };
+        assert_eq!(
+            check(&[("a.toml", GOOD)], &CheckOptions::default()).map(sinks),
+            Ok(vec![Some(vec!["cloud".to_owned()])])
+        );
         let none_known = CheckOptions {
             known_sinks: Some(Vec::new()),
             ..CheckOptions::default()

@@ -140,26 +140,33 @@ mod tests {
     #[test]
     fn devices_past_the_limit_are_refused_and_reported_once() {
         let mut devices: Devices<u32> = Devices::default();
-        assert!(devices.get_or_insert_with("a", "s", 2, || 1).is_ok());
-        assert!(devices.get_or_insert_with("b", "s", 2, || 2).is_ok());
-        let Err(Untracked::Full(Some(message))) = devices.get_or_insert_with("c", "s", 2, || 3)
-        else {
-            panic!("a third device was tracked");
+        // The state of the device's entry, made with `state` if it is new.
+        let mut entry = |device: &str, state: u32| {
+            devices
+                .get_or_insert_with(device, "s", 2, || state)
+                .map(|tracked| tracked.state)
         };
-        assert!(message.contains("device `c`"), "{message}");
-        assert_eq!(
-            devices.get_or_insert_with("d", "s", 2, || 4).err(),
-            Some(Untracked::Full(None))
-        );
-        // Known devices are still served.
-        assert!(devices.get_or_insert_with("a", "s", 2, || 9).is_ok());
+        let full = |device: &str| {
+            Untracked::Full(Some(format!(
+                "this rule already tracks 2 devices, its limit; device `{device}` and any \
+                 other new device are not evaluated by it"
+            )))
+        };
+        assert_eq!(entry("a", 1), Ok(1));
+        assert_eq!(entry("b", 2), Ok(2));
+        assert_eq!(entry("c", 3), Err(full("c")));
+        assert_eq!(entry("d", 4), Err(Untracked::Full(None)));
+        // Known devices are still served, with the state they have.
+        assert_eq!(entry("a", 9), Ok(1));
         // Once there is room again, the next refusal is reported again.
         devices.remove("a", 2);
-        assert!(devices.get_or_insert_with("c", "s", 2, || 3).is_ok());
-        assert!(matches!(
-            devices.get_or_insert_with("e", "s", 2, || 5),
-            Err(Untracked::Full(Some(_)))
-        ));
+        let mut entry = |device: &str, state: u32| {
+            devices
+                .get_or_insert_with(device, "s", 2, || state)
+                .map(|tracked| tracked.state)
+        };
+        assert_eq!(entry("c", 3), Ok(3));
+        assert_eq!(entry("e", 5), Err(full("e")));
     }
 
     #[test]

@@ -13,12 +13,16 @@ use std::fmt;
 ///   when = "temperature > "
 ///                       ^
 /// ```
+///
+/// A mistake about a file as a whole (it cannot be read, it is not a rule file) has
+/// no place in it: [`Diagnostic::whole_file`], shown as `file: message` alone, so that
+/// nothing of a file that is not meant to be read is ever shown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
     /// The file's name as the caller gave it in [`SourceFile::name`](crate::SourceFile::name),
     /// usually its path.
     pub file: String,
-    /// 1-based line number.
+    /// 1-based line number; 0 for a mistake about the file as a whole.
     pub line: usize,
     /// 1-based column, counted in characters (not bytes) from the start of the line.
     pub col: usize,
@@ -29,6 +33,17 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
+    /// A diagnostic about `file` as a whole, with no line, column or snippet.
+    pub fn whole_file(file: &str, message: impl Into<String>) -> Self {
+        Diagnostic {
+            file: file.to_owned(),
+            line: 0,
+            col: 0,
+            message: message.into(),
+            snippet: String::new(),
+        }
+    }
+
     /// A diagnostic for the place `byte_offset` bytes into `text`, the contents of `file`.
     ///
     /// Never panics: an offset past the end points just after the last character, and
@@ -64,6 +79,9 @@ fn floor_char_boundary(text: &str, offset: usize) -> usize {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            return write!(f, "{}: {}", self.file, self.message);
+        }
         writeln!(
             f,
             "{}:{}:{}: {}",
@@ -135,6 +153,15 @@ mod tests {
         let d = Diagnostic::at("f.toml", "a = 1\r\nb = 2\r\n", 7, "m");
         assert_eq!((d.line, d.col), (2, 1));
         assert_eq!(d.snippet, "b = 2");
+    }
+
+    #[test]
+    fn a_mistake_about_a_whole_file_is_shown_without_a_place_or_a_snippet() {
+        let d = Diagnostic::whole_file("f.toml", "cannot read as a rule file: not TOML");
+        assert_eq!(
+            d.to_string(),
+            "f.toml: cannot read as a rule file: not TOML"
+        );
     }
 
     #[test]

@@ -122,11 +122,34 @@ mod tests {
 
     #[test]
     fn zero_empty_and_too_long_are_refused() {
-        assert!(ms("").is_err());
-        assert!(ms("0s").is_err());
-        assert!(ms("367d").is_err());
-        assert!(ms("366d").is_ok());
-        assert!(ms("99999999999999999999999h").is_err());
+        assert_eq!(
+            ms(""),
+            Err((
+                None,
+                "empty duration; write a whole number and a unit, like \"30s\", \"10m\" or \
+                 \"1h30m\" (units: ms, s, m, h, d)"
+                    .into()
+            ))
+        );
+        assert_eq!(
+            ms("0s"),
+            Err((None, "the duration must be more than zero".into()))
+        );
+        assert_eq!(
+            ms("367d"),
+            Err((
+                None,
+                "`367d` is too long; the longest duration is 366d".into()
+            ))
+        );
+        assert_eq!(ms("366d"), Ok(366 * 24 * 3_600_000));
+        assert_eq!(
+            ms("99999999999999999999999h"),
+            Err((
+                None,
+                "`99999999999999999999999h` is too long; the longest duration is 366d".into()
+            ))
+        );
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct RuleSet {
     /// Indexes of the deadband rules that passed the reading being evaluated
     /// (kept to reuse its allocation).
     passed: Vec<usize>,
+    /// Found when compiling; see [`RuleSet::warnings`].
+    warnings: Vec<Diagnostic>,
 }
 
 /// One reading, as the agent decoded it.
@@ -270,6 +272,7 @@ impl RuleSet {
             timed: Vec::new(),
             max_devices: MAX_DEVICES_PER_RULE,
             passed: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -285,7 +288,7 @@ impl RuleSet {
             let file = files.first().map_or("<rules>", |f| f.name.as_str());
             vec![Diagnostic::at(file, "", 0, message)]
         };
-        let rules = std::thread::scope(|scope| {
+        let check::Compiled { rules, warnings } = std::thread::scope(|scope| {
             let thread = std::thread::Builder::new()
                 .name("ferry-rules-compile".into())
                 .stack_size(COMPILE_STACK_SIZE)
@@ -310,7 +313,18 @@ impl RuleSet {
             timed,
             max_devices: MAX_DEVICES_PER_RULE,
             passed: Vec::new(),
+            warnings,
         })
+    }
+
+    /// What compiling found that works but may not work as meant, in the form of
+    /// [`Diagnostic`]s whose message starts with `warning: `: conditions whose work
+    /// grows with the square of a reading's size or faster, which fail with an
+    /// [`EvalError`] on readings large enough to pass
+    /// [`MAX_EVAL_STEPS`](crate::MAX_EVAL_STEPS). Warnings never stop a rule set from
+    /// compiling.
+    pub fn warnings(&self) -> &[Diagnostic] {
+        &self.warnings
     }
 
     /// Sets how many devices each rule may keep state for (default
@@ -874,7 +888,16 @@ forward = false
         let soon = DateTime::<Utc>::UNIX_EPOCH + chrono::TimeDelta::minutes(14);
         assert_eq!(rules.tick(soon), Outcome::default());
         let late = DateTime::<Utc>::UNIX_EPOCH + chrono::TimeDelta::minutes(15);
-        assert_eq!(rules.tick(late).alerts.len(), 1);
+        let stale: Vec<_> = rules
+            .tick(late)
+            .alerts
+            .iter()
+            .map(|a| (a.rule.clone(), a.transition, a.device.clone()))
+            .collect();
+        assert_eq!(
+            stale,
+            [("silent".to_owned(), Transition::Fired, "d".to_owned())]
+        );
     }
 
     #[test]
@@ -999,5 +1022,71 @@ forward = false
                 ),
             ]
         );
+    }
+
+    const PAIRS: &str = r#"
+[[rule]]
+id = "pairs"
+when = "a.exists(x, a.exists(y, x + y < 0.0))"
+emit = { type = "x.pairs" }
+
+[[rule]]
+id = "long"
+when = "size(a) > 3"
+emit = { type = "x.long" }
+"#;
+
+    #[test]
+    fn a_condition_too_costly_for_a_reading_is_an_error_for_that_rule_and_reading_only() {
+        let mut rules = rules(PAIRS);
+        let fired = |outcome: &Outcome| {
+            outcome
+                .alerts
+                .iter()
+                .map(|a| a.rule.clone())
+                .collect::<Vec<_>>()
+        };
+        // 40 KB: an 8,000-element list, on which the first rule would take 64 million
+        // steps (the size also counts the key, `device` and `source`).
+        let big: Vec<f64> = (0..8000).map(f64::from).collect();
+        let fields = object(json!({ "a": big }));
+        let outcome = rules.evaluate(&reading("d", &fields));
+        assert_eq!(
+            outcome.errors,
+            [EvalError {
+                rule: "pairs".into(),
+                message: "`when` not evaluated: on a reading this large (size 8010: its values \
+                          plus the bytes of its strings and keys) it could take up to \
+                          898329514 steps; the limit is 1000000. Avoid a list macro inside \
+                          another (`exists`, `all`, `map`, `filter`) on large lists"
+                    .into(),
+            }]
+        );
+        assert_eq!(fired(&outcome), ["long"]);
+        assert!(outcome.forward);
+        // The same rules on an everyday reading from another device.
+        let fields = object(json!({ "a": [1, -2, 0.5] }));
+        let outcome = rules.evaluate(&reading("e", &fields));
+        assert_eq!(outcome.errors, []);
+        assert_eq!(fired(&outcome), ["pairs"]);
+    }
+
+    #[test]
+    fn a_condition_whose_work_grows_with_the_square_of_a_reading_compiles_with_a_warning() {
+        let rules = rules(PAIRS);
+        assert_eq!(rules.len(), 2);
+        let warnings: Vec<String> = rules.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            [
+                "r.toml:4:8: warning: `when` runs a list macro (`all`, `exists`, `exists_one`, \
+              `map`, `filter`) inside another, so its work grows with the square of a \
+              reading's size or faster; a reading with large lists gets an evaluation error \
+              instead of a result once the work could pass 1000000 steps\n  \
+              when = \"a.exists(x, a.exists(y, x + y < 0.0))\"\n         ^"
+            ]
+        );
+        assert_eq!(RuleSet::empty().warnings(), []);
+        assert_eq!(super::tests::rules(FREEZER).warnings(), []);
     }
 }

@@ -20,6 +20,7 @@
 //! brackets deep or whose syntax tree is deeper than [`MAX_DEPTH`], which keeps
 //! evaluation well inside a 2 MiB thread stack (tokio's default), even in debug builds.
 
+use crate::cost::{Cost, MAX_EVAL_STEPS};
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::common::types::{CelBool, CelDouble, CelList, CelMap, CelMapKey, CelNull, CelString};
 use cel::common::value::Val;
@@ -67,6 +68,9 @@ pub(crate) fn new_env() -> Arc<Env> {
 #[derive(Debug)]
 pub(crate) struct Condition {
     program: Program,
+    /// The most work one evaluation can take, by the size of the reading. Boxed: a
+    /// rule's kind holds up to two conditions, and is kept small.
+    cost: Box<Cost>,
     /// The key the expression was written under, for messages.
     key: &'static str,
 }
@@ -131,12 +135,32 @@ impl Condition {
         if let Some(message) = never_true(program.expression(), key) {
             return Err(ExprError::whole(message));
         }
-        Ok(Condition { program, key })
+        let cost = Box::new(Cost::of(program.expression()));
+        Ok(Condition { program, cost, key })
+    }
+
+    pub(crate) fn cost(&self) -> &Cost {
+        &self.cost
     }
 
     /// Evaluates the condition. `Err` carries a message for an
     /// [`EvalError`](crate::EvalError).
     pub(crate) fn evaluate(&self, bindings: &Bindings<'_>) -> Result<bool, String> {
+        let steps = self.cost.steps(bindings.size);
+        if steps > MAX_EVAL_STEPS {
+            let steps = if steps == u64::MAX {
+                "more".to_owned()
+            } else {
+                format!("up to {steps}")
+            };
+            return Err(format!(
+                "`{}` not evaluated: on a reading this large (size {}: its values plus the \
+                 bytes of its strings and keys) it could take {steps} steps; the limit is \
+                 {MAX_EVAL_STEPS}. Avoid a list macro inside another (`exists`, `all`, \
+                 `map`, `filter`) on large lists",
+                self.key, bindings.size
+            ));
+        }
         let result = catch_unwind(AssertUnwindSafe(|| self.program.execute(&bindings.context)));
         match result {
             Ok(Ok(Value::Bool(b))) => Ok(b),
@@ -160,6 +184,9 @@ pub(crate) struct Bindings<'r> {
     /// Fields left out, and why: nested deeper than [`MAX_VALUE_DEPTH`], or a number
     /// that is not a finite `f64`.
     unusable: Vec<(&'r str, Unusable)>,
+    /// The `n` of [`Cost::steps`]: every value the expressions can see, plus the bytes
+    /// of every string and key (and of `device` and `source`).
+    size: u64,
 }
 
 impl<'r> Bindings<'r> {
@@ -168,18 +195,25 @@ impl<'r> Bindings<'r> {
     pub(crate) fn new(env: &Arc<Env>, reading: &crate::Reading<'r>) -> Self {
         let mut context = Context::with_env(Arc::clone(env));
         let mut unusable = Vec::new();
+        let mut size = 0u64;
         for (name, value) in reading.fields {
-            match to_val(value, 1) {
+            size = size.saturating_add(name.len() as u64);
+            match to_val(value, 1, &mut size) {
                 Ok(val) => context.add_variable_as_val(name.as_str(), val),
                 Err(why) => unusable.push((name.as_str(), why)),
             }
         }
         for (name, value) in [("device", reading.device), ("source", reading.source)] {
             if !reading.fields.contains_key(name) {
+                size = size.saturating_add(1 + value.len() as u64);
                 context.add_variable_as_val(name, Box::new(CelString::from(value)));
             }
         }
-        Bindings { context, unusable }
+        Bindings {
+            context,
+            unusable,
+            size,
+        }
     }
 }
 
@@ -201,11 +235,17 @@ impl fmt::Display for Unusable {
 }
 
 /// Converts a JSON value to a CEL value borrowing its strings (`depth` is this value's
-/// level, from 1); `Err` says why it cannot be.
-fn to_val<'r>(value: &'r serde_json::Value, depth: usize) -> Result<Box<dyn Val + 'r>, Unusable> {
+/// level, from 1), adding its size to `size` (see [`Bindings`]); `Err` says why it
+/// cannot be.
+fn to_val<'r>(
+    value: &'r serde_json::Value,
+    depth: usize,
+    size: &mut u64,
+) -> Result<Box<dyn Val + 'r>, Unusable> {
     if depth > MAX_VALUE_DEPTH {
         return Err(Unusable::TooDeep);
     }
+    *size = size.saturating_add(1);
     Ok(match value {
         serde_json::Value::Null => Box::new(CelNull),
         serde_json::Value::Bool(b) => Box::new(CelBool::from(*b)),
@@ -214,18 +254,25 @@ fn to_val<'r>(value: &'r serde_json::Value, depth: usize) -> Result<Box<dyn Val 
         serde_json::Value::Number(n) => {
             Box::new(CelDouble::from(n.as_f64().ok_or(Unusable::NumberTooLarge)?))
         }
-        serde_json::Value::String(s) => Box::new(CelString::from(s.as_str())),
+        serde_json::Value::String(s) => {
+            *size = size.saturating_add(s.len() as u64);
+            Box::new(CelString::from(s.as_str()))
+        }
         serde_json::Value::Array(items) => {
             let items = items
                 .iter()
-                .map(|item| to_val(item, depth + 1))
+                .map(|item| to_val(item, depth + 1, size))
                 .collect::<Result<Vec<_>, _>>()?;
             Box::new(CelList::from(items))
         }
         serde_json::Value::Object(map) => {
             let mut entries = HashMap::with_capacity(map.len());
             for (key, item) in map {
-                entries.insert(CelMapKey::from(key.as_str()), to_val(item, depth + 1)?);
+                *size = size.saturating_add(key.len() as u64);
+                entries.insert(
+                    CelMapKey::from(key.as_str()),
+                    to_val(item, depth + 1, size)?,
+                );
             }
             Box::new(CelMap::from(entries))
         }
@@ -780,8 +827,11 @@ mod tests {
 
     #[test]
     fn arithmetic_with_an_int_literal_fails_for_every_reading_alike() {
-        assert!(eval("t + 1 > 30", json!({"t": 31})).is_err());
-        assert!(eval("t + 1 > 30", json!({"t": 31.5})).is_err());
+        let mixed = "`+` cannot mix a double and an int; fields are doubles, so write numbers \
+                     next to them with a decimal point (`1.0`), or convert with `int(...)` or \
+                     `double(...)`";
+        assert_eq!(eval("t + 1 > 30", json!({"t": 31})), Err(mixed.into()));
+        assert_eq!(eval("t + 1 > 30", json!({"t": 31.5})), Err(mixed.into()));
         assert_eq!(eval("int(t) + 1 > 30", json!({"t": 31})), Ok(true));
     }
 
@@ -831,8 +881,10 @@ mod tests {
 
     #[test]
     fn a_wrong_type_is_an_error_not_a_panic() {
-        let err = eval("door > 3", json!({"door": "open"})).unwrap_err();
-        assert!(err.contains("no matching overload"), "{err}");
+        assert_eq!(
+            eval("door > 3", json!({"door": "open"})),
+            Err("found no matching overload for '_>_' applied to '(string, int)'".into())
+        );
     }
 
     #[test]
@@ -922,7 +974,10 @@ mod tests {
         }
         let err = eval("deep.a == 1", json!({ "deep": deep, "t": 1 })).unwrap_err();
         assert_eq!(err, "field `deep` nests more than 32 levels deep");
-        assert_eq!(eval("t == 1", json!({ "deep": deep })).ok(), None);
+        assert_eq!(
+            eval("t == 1", json!({ "deep": deep })),
+            Err("no field or function `t` in this reading".into())
+        );
         assert_eq!(eval("t == 1", json!({ "deep": deep, "t": 1 })), Ok(true));
     }
 
@@ -1139,33 +1194,78 @@ mod tests {
     }
 
     #[test]
-    fn the_longest_nastiest_expressions_compile_without_crashing() {
+    fn the_longest_nastiest_expressions_are_refused_or_evaluate() {
         // At the length cap, nothing the parser is given crashes it (on the compile
-        // stack) and every one is either refused or shallow enough to evaluate.
+        // stack) and every one is either refused by a limit or shallow enough to
+        // evaluate on a 2 MiB stack.
         let env = new_env();
-        let thread = std::thread::Builder::new()
+        let compiled = std::thread::Builder::new()
             .stack_size(COMPILE_STACK_SIZE)
-            .spawn(move || {
-                let n = MAX_EXPRESSION_LEN;
-                let exprs = [
-                    format!("{}t{}", "(".repeat(n / 2 - 1), ")".repeat(n / 2 - 1)),
-                    format!("{}1{}", "[".repeat(n / 2 - 1), "]".repeat(n / 2 - 1)),
-                    format!("{}true", "!".repeat(n - 4)),
-                    format!("{}1", "-".repeat(n - 1)),
-                    "1+".repeat(n / 2 - 1) + "1",
-                    "t?t:".repeat(n / 4 - 1) + "t",
-                    "m".to_string() + &".a".repeat(n / 2 - 1),
-                    "t&&".repeat(n / 3 - 1) + "t",
-                ];
-                exprs
-                    .iter()
-                    .map(|expr| Condition::compile(&env, W, expr).map(|_| ()))
-                    .collect::<Vec<_>>()
-            });
-        let results = thread.map(|t| t.join());
-        let Ok(Ok(results)) = results else {
-            panic!("compiling thread failed");
+            .spawn({
+                let env = Arc::clone(&env);
+                move || {
+                    let n = MAX_EXPRESSION_LEN;
+                    let exprs = [
+                        format!("{}t{}", "(".repeat(n / 2 - 1), ")".repeat(n / 2 - 1)),
+                        format!("{}1{}", "[".repeat(n / 2 - 1), "]".repeat(n / 2 - 1)),
+                        format!("{}true", "!".repeat(n - 4)),
+                        format!("{}1", "-".repeat(n - 1)),
+                        "1+".repeat(n / 2 - 1) + "1",
+                        "t?t:".repeat(n / 4 - 1) + "t",
+                        "m".to_string() + &".a".repeat(n / 2 - 1),
+                        "t&&".repeat(n / 3 - 1) + "t",
+                    ];
+                    exprs
+                        .iter()
+                        .map(|expr| Condition::compile(&env, W, expr))
+                        .collect::<Vec<_>>()
+                }
+            })
+            .map(|thread| thread.join());
+        let Ok(Ok(compiled)) = compiled else {
+            panic!("the compiling thread failed");
         };
-        assert_eq!(results.len(), 8);
+        let evaluated = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let fields = serde_json::Map::from_iter([("t".to_owned(), json!(true))]);
+                let reading = crate::Reading {
+                    source: "s",
+                    device: "d",
+                    time: Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
+                    fields: &fields,
+                };
+                let bindings = Bindings::new(&env, &reading);
+                compiled
+                    .into_iter()
+                    .map(|c| c.map(|c| c.evaluate(&bindings)))
+                    .collect::<Vec<_>>()
+            })
+            .map(|thread| thread.join());
+        let Ok(Ok(results)) = evaluated else {
+            panic!("the evaluating thread failed");
+        };
+        let brackets = || {
+            Err(ExprError::at(
+                MAX_NESTING,
+                "brackets nest too deeply; the limit is 32 levels",
+            ))
+        };
+        let deep = || Err(ExprError::whole(too_deep_message(W)));
+        assert_eq!(
+            results,
+            [
+                brackets(),
+                brackets(),
+                Ok(Ok(true)),
+                Ok(Err(
+                    "`when` must give true or false, but gave the int -1".into()
+                )),
+                deep(),
+                deep(),
+                deep(),
+                Ok(Ok(true)),
+            ]
+        );
     }
 }

@@ -433,6 +433,31 @@ fn isolate(text: &str, spans: &[Range<usize>]) -> Option<Parsed> {
     Some(parsed)
 }
 
+/// Whether `text` is meant as a rule file: some line starts a `[[rule]]` table (even
+/// with a broken header, or as `[[rules]]`) or sets `rule` (an inline array). Not
+/// `[rule`: an INI file's `[rules]` section would pass for one. A file that is not (a config file, a key,
+/// `/etc/shadow` behind a symlink) and does not parse is reported as a whole,
+/// never quoted: its lines may be secrets, and a complaint about its third line
+/// helps no one.
+pub(crate) fn looks_like_rules(text: &str) -> bool {
+    text.lines().any(|line| {
+        let compact: String = line.chars().filter(|c| !c.is_whitespace()).collect();
+        ["[[rule", "rule="]
+            .iter()
+            .any(|start| compact.starts_with(start))
+    })
+}
+
+/// Why `text`, which does not look like rule file, is not one, in words that quote
+/// nothing from it.
+pub(crate) fn not_rules(text: &str) -> &'static str {
+    if text.parse::<toml::Table>().is_err() {
+        "it is not TOML"
+    } else {
+        "it has no `[[rule]]` table"
+    }
+}
+
 /// The error's message on one line (toml puts what it expected on a second line).
 fn message(error: &toml::de::Error) -> String {
     error.message().trim().replace('\n', "; ")
@@ -489,6 +514,33 @@ type = "x.z"
             Some("x.z")
         );
         assert_eq!(b.when.as_ref().map(|w| w.get_ref().as_str()), Some("t > 2"));
+    }
+
+    #[test]
+    fn a_file_is_taken_for_a_rule_file_by_a_rule_header_or_a_rule_key_only() {
+        for rules in [
+            "[[rule]]\nid = \"a\"",
+            "# x\n  [[ rule ]]\n",
+            "[[rule]\nid = \"a\"",
+            "[[rules]]\n",
+            "rule = [{ id = \"a\" }]",
+        ] {
+            assert!(looks_like_rules(rules), "{rules}");
+        }
+        for other in [
+            "",
+            "root:SECRET:19000:0:99999:7:::\n",
+            "[mqtt]\npassword = \"hunter2\"\n",
+            "[rules]\nallow = all\n",
+            "# [[rule]] in a comment\n",
+        ] {
+            assert!(!looks_like_rules(other), "{other}");
+        }
+        assert_eq!(not_rules("root:SECRET:19000\n"), "it is not TOML");
+        assert_eq!(
+            not_rules("[mqtt]\npassword = \"x\"\n"),
+            "it has no `[[rule]]` table"
+        );
     }
 
     #[test]

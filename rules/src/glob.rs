@@ -84,12 +84,30 @@ mod tests {
             message,
             "`[` is not allowed in a glob (only `*` and `?` are special)"
         );
-        assert!(Glob::new("a{b,c}").is_err());
-        assert!(Glob::new("a\\*").is_err());
+        assert_eq!(
+            Glob::new("a{b,c}").err(),
+            Some((
+                Some(1),
+                "`{` is not allowed in a glob (only `*` and `?` are special)".into()
+            ))
+        );
+        assert_eq!(
+            Glob::new("a\\*").err(),
+            Some((
+                Some(1),
+                "`\\` is not allowed in a glob (only `*` and `?` are special)".into()
+            ))
+        );
     }
 
     #[test]
     fn an_empty_glob_is_refused() {
-        assert!(Glob::new("").is_err());
+        assert_eq!(
+            Glob::new("").err(),
+            Some((
+                None,
+                "empty glob; leave the key out to match everything".into()
+            ))
+        );
     }
 }

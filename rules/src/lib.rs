@@ -72,6 +72,8 @@
 //!   parser and the interpreter inside their stacks, and literal type checks),
 //!   turning a reading's JSON into CEL values (every number a `double`), evaluating,
 //!   and wording errors.
+//! - `cost`: the most work one evaluation of a condition can take, as a polynomial in
+//!   the size of the reading, checked against [`MAX_EVAL_STEPS`] before it runs.
 //! - `duration`, `glob`: the small languages of durations (`1h30m`) and `match` globs.
 //! - `rule`: one compiled rule: matcher, filter, kind, `emit` and `action`, and how a
 //!   transition becomes an event and an action.
@@ -83,6 +85,7 @@
 //! - `diagnostic`: [`Diagnostic`], shared with the agent for its own config errors.
 
 mod check;
+mod cost;
 mod devices;
 mod diagnostic;
 mod duration;
@@ -95,6 +98,7 @@ mod rule;
 mod toml_string;
 
 pub use check::{CheckOptions, SourceFile, MAX_FIELDS};
+pub use cost::MAX_EVAL_STEPS;
 pub use devices::MAX_DEVICES_PER_RULE;
 pub use diagnostic::Diagnostic;
 pub use duration::MAX_DURATION_DAYS;

@@ -529,9 +529,14 @@ mod tests {
             publish.action("fan-on", "room-1", Transition::Resolved),
             Ok(None)
         );
-        assert!(publish
-            .action("fan-on", "room+1", Transition::Fired)
-            .is_err());
+        assert_eq!(
+            publish.action("fan-on", "room+1", Transition::Fired),
+            Err(
+                "not publishing to `actuators/room+1/fan`: the device id `room+1` puts an \
+                 MQTT wildcard or NUL into the topic"
+                    .into()
+            )
+        );
     }
 
     #[test]

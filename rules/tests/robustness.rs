@@ -2,8 +2,12 @@
 //! `compile`, `evaluate`, `tick` or saving and restoring state panic, whatever the
 //! readings' times. Deterministic (a fixed-seed xorshift), so a failure reproduces;
 //! `fuzz/` takes this further with cargo-fuzz.
+//!
+//! The engine catches panics (the compiler's, the CEL parser's and interpreter's) and
+//! turns them into a diagnostic or an evaluation error, so that a bug never takes the
+//! agent down. Caught or not, a panic is a bug: these tests fail on one.
 
-use ferry_rules::{CheckOptions, Reading, RuleSet, SourceFile};
+use ferry_rules::{CheckOptions, Diagnostic, Outcome, Reading, RuleSet, SourceFile};
 use serde_json::json;
 
 /// xorshift64*: small, deterministic, good enough to shuffle test input.
@@ -235,6 +239,45 @@ fn mutated(rng: &mut Rng, valid: &str) -> String {
     chars.into_iter().collect()
 }
 
+/// What the engine says when it caught a panic while compiling.
+const CAUGHT_AT_COMPILE: [&str; 2] = ["internal error", "the CEL parser failed on this expression"];
+
+/// Compiles `files`, failing on a caught panic, and checks every diagnostic points
+/// inside its file (`lines` long) or at the file as a whole.
+fn compile(files: &[SourceFile], lines: usize) -> Result<RuleSet, Vec<Diagnostic>> {
+    let result = RuleSet::compile(files, &CheckOptions::default());
+    if let Err(diagnostics) = &result {
+        for d in diagnostics {
+            assert!(
+                !CAUGHT_AT_COMPILE.iter().any(|m| d.message.starts_with(m)),
+                "a panic was caught: {d}\n---\n{}",
+                files.iter().map(|f| f.text.as_str()).collect::<String>()
+            );
+            let whole_file = (d.line, d.col, d.snippet.as_str()) == (0, 0, "");
+            assert!(
+                whole_file || (1..=lines + 1).contains(&d.line),
+                "{d}\n---\n{}",
+                files.iter().map(|f| f.text.as_str()).collect::<String>()
+            );
+            assert!(
+                whole_file || (1..=d.snippet.chars().count() + 1).contains(&d.col),
+                "{d}"
+            );
+        }
+    }
+    result
+}
+
+/// Fails if evaluating caught a panic of the CEL interpreter.
+fn no_caught_panic(outcome: &Outcome) {
+    for e in &outcome.errors {
+        assert!(
+            !e.message.starts_with("the CEL interpreter failed"),
+            "a panic was caught: {e}"
+        );
+    }
+}
+
 fn evaluate_all(rules: &mut RuleSet) {
     let readings = [
         json!({"temperature": 31, "door": "open", "bp": {"systolic": 150, "diastolic": 80}}),
@@ -253,16 +296,16 @@ fn evaluate_all(rules: &mut RuleSet) {
             continue;
         };
         for device in ["freezer-1", "", "é", "a+#"] {
-            let _ = rules.evaluate(&Reading {
+            no_caught_panic(&rules.evaluate(&Reading {
                 source: "local",
                 device,
                 time: times[i % times.len()],
                 fields,
-            });
+            }));
         }
     }
     for now in times {
-        let _ = rules.tick(now);
+        no_caught_panic(&rules.tick(now));
     }
     let saved = rules.alert_state();
     let _ = rules.restore_alert_state(&saved);
@@ -281,24 +324,25 @@ fn random_expressions_never_panic_compile_or_evaluate() {
                 "[[rule]]\nid = \"r{i}\"\nwhen = {quoted}\nemit = {{ type = \"t\" }}\n\n"
             ));
         }
+        let lines = text.lines().count();
         let files = [SourceFile {
             name: "random.toml".into(),
             text,
         }];
-        match RuleSet::compile(&files, &CheckOptions::default()) {
-            Ok(mut rules) => evaluate_all(&mut rules),
-            Err(diagnostics) => assert!(diagnostics.iter().all(|d| d.line >= 1 && d.col >= 1)),
+        if let Ok(mut rules) = compile(&files, lines) {
+            evaluate_all(&mut rules);
         }
         // Each expression alone, so the ones that compile get evaluated.
         for i in 0..25 {
             let expr = random_expression(&mut rng);
             let text =
                 format!("[[rule]]\nid = \"r{i}\"\nwhen = {expr:?}\nemit = {{ type = \"t\" }}\n");
+            let lines = text.lines().count();
             let files = [SourceFile {
                 name: "one.toml".into(),
                 text,
             }];
-            if let Ok(mut rules) = RuleSet::compile(&files, &CheckOptions::default()) {
+            if let Ok(mut rules) = compile(&files, lines) {
                 evaluate_all(&mut rules);
                 compiled += 1;
             }
@@ -327,17 +371,9 @@ fn mutated_rule_files_never_panic_and_point_inside_the_file() {
                     .replace("\"bp\"", "\"bp2\""),
             },
         ];
-        match RuleSet::compile(&files, &CheckOptions::default()) {
-            Ok(mut rules) => {
-                compiled[i % 2] += 1;
-                evaluate_all(&mut rules);
-            }
-            Err(diagnostics) => {
-                for d in diagnostics {
-                    assert!(d.line >= 1 && d.line <= lines + 1, "{d}\n---\n{text}");
-                    assert!(d.col >= 1 && d.col <= d.snippet.chars().count() + 1, "{d}");
-                }
-            }
+        if let Ok(mut rules) = compile(&files, lines) {
+            compiled[i % 2] += 1;
+            evaluate_all(&mut rules);
         }
     }
     // Both kinds of file got evaluated after some mutations, not only refused.
