@@ -6,9 +6,10 @@
 //! ```
 //!
 //! For each number of open alerts: a fresh agent (real binary, real mosquitto, an
-//! HTTP receiver) gets one reading per device that opens an alert on each, then
-//! `--readings` more readings from new devices, each opening one more alert (a
-//! transition, so its state is committed with it). The figure is the growth of the
+//! HTTP receiver) with two alert rules (a rule tracks at most 10,000 devices) gets
+//! one reading per device that opens an alert in both, then `--readings` more
+//! readings from new devices, each opening two more alerts (transitions, so their
+//! state is committed with them). The figure is the growth of the
 //! agent's `write_bytes` (`/proc/PID/io`: bytes the process caused to be written to
 //! the block layer) over those readings, divided by their number. It must not grow
 //! with the number of open alerts: a commit writes the alerts it changed, not all.
@@ -21,13 +22,22 @@ use std::time::Duration;
 
 use support::{Agent, Mosquitto, Receiver, TestConfig};
 
-const RULE: &str = r#"
+const RULES: &str = r#"
 [[rule]]
 id = "hot"
 when = "t > 30.0"
 clear_when = "t < 0.0"
 emit = { type = "com.example.hot" }
+
+[[rule]]
+id = "very-hot"
+when = "t > 35.0"
+clear_when = "t < 0.0"
+emit = { type = "com.example.very_hot" }
 "#;
+
+/// Records committed per reading: the reading and one alert per rule.
+const RECORDS_PER_READING: usize = 3;
 
 fn write_bytes(pid: u32) -> u64 {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("read /proc/PID/io");
@@ -72,21 +82,22 @@ fn main() {
         let toml = config
             .toml()
             .replace(r#"device = "{topic.1}""#, r#"device = "{payload.id}""#);
-        let mut agent = Agent::start(&toml, &[("hot.toml", RULE)]);
+        let mut agent = Agent::start(&toml, &[("hot.toml", RULES)]);
         broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
         let pid = agent.pid().expect("running");
 
-        open_alerts(&broker, "open", n);
-        agent.wait_for_metric("ferry_store_committed_total", &[], (2 * n) as f64);
+        let devices = n / 2;
+        open_alerts(&broker, "open", devices);
+        let records = RECORDS_PER_READING * devices;
+        agent.wait_for_metric("ferry_store_committed_total", &[], records as f64);
         // Let background flushes of what came before settle.
         std::thread::sleep(Duration::from_secs(2));
         let before = write_bytes(pid);
         open_alerts(&broker, "new", readings);
-        agent.wait_for_metric(
-            "ferry_store_committed_total",
-            &[],
-            (2 * (n + readings)) as f64,
-        );
+        let records = RECORDS_PER_READING * (devices + readings);
+        agent.wait_for_metric("ferry_store_committed_total", &[], records as f64);
+        let errors = agent.metrics().value("ferry_rule_errors_total", &[]);
+        assert_eq!(errors, 0.0, "a rule could not track every device");
         std::thread::sleep(Duration::from_secs(2));
         let written = write_bytes(pid) - before;
         println!(
