@@ -299,7 +299,20 @@ fn run(config: PathBuf, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
-        ferry_agent::pipeline::run(loaded, data_dir, shutdown).await?;
+        match ferry_agent::pipeline::run(loaded, data_dir, shutdown).await {
+            Err(ferry_agent::pipeline::StartError::Rules(diagnostics)) => {
+                // One log line per mistake, as for the config.
+                for d in &diagnostics {
+                    let at = format!("{}:{}:{}", d.file, d.line, d.col);
+                    tracing::error!(%at, message = %d.message, "rule file error");
+                }
+                anyhow::bail!(
+                    "the rule files have {} error(s); `ferry check` lists them too",
+                    diagnostics.len()
+                )
+            }
+            other => other?,
+        }
         anyhow::Ok(())
     })
 }
