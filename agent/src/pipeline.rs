@@ -758,3 +758,215 @@ struct Batch {
     /// An alert opened or closed: persist the rule state with this batch.
     transition: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    //! The commit task's decisions, on a store that records what it is given:
+    //! what is committed, in which order with the acknowledgements, and how much
+    //! rule state each commit carries.
+
+    use super::*;
+    use crate::store::{Appended, Read, SavedState, Stats};
+    use ferry_rules::{CheckOptions, SourceFile};
+    use std::sync::Mutex;
+
+    /// An in-memory store that keeps every append and writes to a shared log.
+    #[derive(Default)]
+    struct Recorder {
+        appends: Mutex<Vec<(Vec<Record>, StateWrite)>>,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Store for Recorder {
+        fn append(&self, records: &[Record], state: &StateWrite) -> Result<Appended, StoreError> {
+            self.log.lock().unwrap().push("commit".into());
+            let mut appends = self.appends.lock().unwrap();
+            let first = appends.iter().map(|(r, _)| r.len() as u64).sum();
+            appends.push((records.to_vec(), state.clone()));
+            Ok(Appended { first, dropped: 0 })
+        }
+        fn rules_state(&self) -> Result<SavedState, StoreError> {
+            Ok(SavedState::default())
+        }
+        fn read(&self, from: u64, _: usize, _: usize) -> Result<Read, StoreError> {
+            Ok(Read {
+                records: Vec::new(),
+                next: from,
+            })
+        }
+        fn cursor(&self, _: &str) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        fn advance(&self, _: &str, _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn stats(&self) -> Stats {
+            Stats::default()
+        }
+        fn epoch(&self) -> &str {
+            "test"
+        }
+    }
+
+    const HOT: &str = r#"
+[[rule]]
+id = "hot"
+when = "t > 30.0"
+clear_when = "t < 0.0"
+emit = { type = "com.example.hot" }
+"#;
+
+    fn committer(store: &Arc<Recorder>) -> Committer {
+        let files = [SourceFile {
+            name: "hot.toml".into(),
+            text: HOT.into(),
+        }];
+        let rules = RuleSet::compile(&files, &CheckOptions::default()).unwrap();
+        Committer {
+            rules,
+            store: Arc::clone(store) as Arc<dyn Store>,
+            head: watch::channel(0).0,
+            log_limit: RateLimit::new(10, Duration::from_secs(60)),
+            origins: HashMap::new(),
+            actuators: Actuators {
+                mqtt: None,
+                serial: HashMap::new(),
+            },
+            sinks: Vec::new(),
+            progress_unsaved: false,
+            last_state_save: Instant::now(),
+            changed: HashSet::new(),
+            rewrite_state: true,
+            clock: ClockCheck {
+                ahead: chrono::TimeDelta::days(1),
+                behind: chrono::TimeDelta::MAX,
+                logged: HashSet::new(),
+            },
+        }
+    }
+
+    fn origin() -> Arc<Origin> {
+        let decode = DecodeConfig {
+            device: DeviceTemplate::parse("{topic.1}").unwrap(),
+            max_payload: 1 << 20,
+            time_field: Some("time".into()),
+        };
+        Origin::new("gw", "mqtt", "local", Some(decode))
+    }
+
+    fn raw(device: &str, payload: &str) -> Payload {
+        Payload::Raw {
+            topic: format!("sensors/{device}/telemetry"),
+            bytes: payload.as_bytes().to_vec(),
+        }
+    }
+
+    /// One turn of the commit task on `inputs`, each acknowledged into the log.
+    async fn turn(c: &mut Committer, log: &Arc<Mutex<Vec<String>>>, inputs: Vec<(&str, &str)>) {
+        let origin = origin();
+        let mut batch = Batch::default();
+        for (device, payload) in inputs {
+            c.process(
+                &origin,
+                raw(device, payload),
+                chrono::Utc::now(),
+                &mut batch,
+            );
+            let (log, device) = (Arc::clone(log), device.to_string());
+            batch.acks.push(Box::new(move || {
+                log.lock().unwrap().push(format!("ack {device}"))
+            }));
+        }
+        assert!(c.settle(batch, &CancellationToken::new()).await);
+    }
+
+    #[tokio::test]
+    async fn inputs_are_acknowledged_after_their_batch_is_committed_in_arrival_order() {
+        let store = Arc::new(Recorder::default());
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        turn(&mut c, &log, vec![("a", r#"{"t":1}"#), ("b", r#"{"t":2}"#)]).await;
+        assert_eq!(*log.lock().unwrap(), ["commit", "ack a", "ack b"]);
+    }
+
+    #[tokio::test]
+    async fn a_rejected_input_is_acknowledged_and_not_stored() {
+        let store = Arc::new(Recorder::default());
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        let deep = format!("{}1{}", r#"{"a":"#.repeat(100), "}".repeat(100));
+        turn(&mut c, &log, vec![("deep", &deep), ("ok", r#"{"t":1}"#)]).await;
+        assert_eq!(*log.lock().unwrap(), ["commit", "ack deep", "ack ok"]);
+        let appends = store.appends.lock().unwrap();
+        let subjects: Vec<&str> = appends[0].0.iter().map(|r| r.subject.as_str()).collect();
+        assert_eq!(subjects, ["ok"]);
+    }
+
+    #[tokio::test]
+    async fn an_alert_commits_with_its_state_and_later_commits_carry_only_what_changed() {
+        let store = Arc::new(Recorder::default());
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        let hot: Vec<String> = (0..1000).map(|i| format!("open-{i}")).collect();
+        turn(
+            &mut c,
+            &log,
+            hot.iter().map(|d| (d.as_str(), r#"{"t":40}"#)).collect(),
+        )
+        .await;
+        // The first save after a start rewrites everything, once.
+        {
+            let appends = store.appends.lock().unwrap();
+            let (records, state) = &appends[0];
+            assert_eq!(records.len(), 2000, "each reading and its alert");
+            assert!(state.replace_all);
+            assert_eq!(state.entries.len(), 1000);
+        }
+        // One more alert among the 1,000 open: one entry, not 1,001.
+        turn(&mut c, &log, vec![("new", r#"{"t":40}"#)]).await;
+        {
+            let appends = store.appends.lock().unwrap();
+            let (records, state) = &appends[1];
+            assert_eq!(records.len(), 2);
+            assert!(!state.replace_all);
+            assert_eq!(state.entries.len(), 1);
+            assert_eq!(state.entries[0].0, r#"["hot","new"]"#);
+            assert!(state.entries[0].1.is_some());
+        }
+        // Resolving it removes its entry, still alone.
+        turn(&mut c, &log, vec![("new", r#"{"t":-5}"#)]).await;
+        let appends = store.appends.lock().unwrap();
+        assert_eq!(
+            appends[2].1.entries,
+            [(r#"["hot","new"]"#.to_string(), None)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reading_that_changes_no_alert_commits_no_rule_state() {
+        let store = Arc::new(Recorder::default());
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        turn(&mut c, &log, vec![("cool", r#"{"t":10}"#)]).await;
+        let appends = store.appends.lock().unwrap();
+        assert!(appends[0].1.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reading_from_a_clock_far_ahead_is_stored_with_the_receive_time() {
+        let store = Arc::new(Recorder::default());
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        let before = chrono::Utc::now();
+        turn(
+            &mut c,
+            &log,
+            vec![("liar", r#"{"t":1,"time":"9999-12-31T23:59:59Z"}"#)],
+        )
+        .await;
+        let appends = store.appends.lock().unwrap();
+        let record = &appends[0].0[0];
+        assert!(record.time >= before && record.time <= chrono::Utc::now());
+        assert_eq!(record.data["reported_time"], "9999-12-31T23:59:59Z");
+    }
+}
