@@ -608,15 +608,15 @@ mod tests {
         names.iter().map(|s| s.to_string()).collect()
     }
 
+    /// A store with room to spare and one sink, `a`.
+    fn roomy(dir: &Path) -> SledStore {
+        SledStore::open(dir, &cfg(1 << 30, WhenFull::DropOldest), &sinks(&["a"])).unwrap()
+    }
+
     #[test]
     fn appended_records_read_back_in_order_with_consecutive_sequences() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(
-            dir.path(),
-            &cfg(1 << 30, WhenFull::DropOldest),
-            &sinks(&["a"]),
-        )
-        .unwrap();
+        let s = roomy(dir.path());
         s.append(&[record(0, 0), record(1, 0)], &StateWrite::default())
             .unwrap();
         let a = s.append(&[record(2, 0)], &StateWrite::default()).unwrap();
@@ -774,12 +774,7 @@ mod tests {
     #[test]
     fn a_full_rewrite_removes_every_entry_and_the_legacy_state_first() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(
-            dir.path(),
-            &cfg(1 << 30, WhenFull::DropOldest),
-            &sinks(&["a"]),
-        )
-        .unwrap();
+        let s = roomy(dir.path());
         s.db().insert(LEGACY_RULES_STATE, b"{}".as_slice()).unwrap();
         s.append(&[], &put(&[("old", Some("1")), ("kept", Some("1"))]))
             .unwrap();
@@ -801,12 +796,7 @@ mod tests {
         // open alert. Now a commit writes only its own entries, measured as the
         // growth of the store's files for the same single-entry commits.
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(
-            dir.path(),
-            &cfg(1 << 30, WhenFull::DropOldest),
-            &sinks(&["a"]),
-        )
-        .unwrap();
+        let s = roomy(dir.path());
         let many: Vec<(String, Option<Vec<u8>>)> = (0..10_000)
             .map(|i| (format!("open-{i}"), Some(vec![b'x'; 100])))
             .collect();
@@ -847,12 +837,7 @@ mod tests {
     #[test]
     fn a_read_stops_at_its_byte_budget_but_always_returns_one_record() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(
-            dir.path(),
-            &cfg(1 << 30, WhenFull::DropOldest),
-            &sinks(&["a"]),
-        )
-        .unwrap();
+        let s = roomy(dir.path());
         s.append(
             &[record(0, 1000), record(1, 1000), record(2, 1000)],
             &StateWrite::default(),
