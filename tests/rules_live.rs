@@ -135,8 +135,8 @@ fn sighup_reloads_the_rules_when_watching_is_off() {
 fn a_rule_switches_a_local_actuator_over_mqtt_without_any_uplink() {
     let broker = Mosquitto::start();
     // The cloud is unreachable for the whole test.
-    let config = TestConfig::new("gw-fan", &broker)
-        .http(&format!("http://127.0.0.1:{}/events", free_port()), "batch");
+    let cloud = DownPort::hold();
+    let config = TestConfig::new("gw-fan", &broker).http(&cloud.url(), "batch");
     let fan = r#"[[rule]]
 id = "fan"
 when = "temperature > 35"

@@ -20,10 +20,9 @@ fn lines(seqs: std::ops::Range<u64>) -> Vec<String> {
 #[test]
 fn readings_are_buffered_while_upstream_is_down_and_delivered_in_order_after() {
     let broker = Mosquitto::start();
-    // Reserved but not listening: the sink's connections are refused.
-    let upstream_port = free_port();
-    let url = format!("http://127.0.0.1:{upstream_port}/events");
-    let config = TestConfig::new("gw-outage", &broker).http(&url, "binary");
+    // Bound but not listening: the sink's connections are refused.
+    let upstream = DownPort::hold();
+    let config = TestConfig::new("gw-outage", &broker).http(&upstream.url(), "binary");
     let mut agent = Agent::start(&config.toml(), &[]);
     broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
 
@@ -36,7 +35,7 @@ fn readings_are_buffered_while_upstream_is_down_and_delivered_in_order_after() {
     agent.wait_for_metric("ferry_sink_lag_records", &[("sink", "cloud")], 30.0);
 
     // -- Phase 2: the upstream answers 503. --
-    let receiver = Receiver::on_port_failing(upstream_port, 503);
+    let receiver = Receiver::on_failing(upstream, 503);
     broker.publish_lines(TOPIC, &lines(30..60), 1);
     agent.wait_for_metric("ferry_input_received_total", &[("source", "local")], 60.0);
     agent.eventually("the sink to retry against the 503s", |_| {
