@@ -44,6 +44,15 @@ fn alerts(receiver: &Receiver, ty: &str) -> Vec<Event> {
         .collect()
 }
 
+/// The first arrival of each event id, in arrival order.
+fn once_per_id(events: Vec<Event>) -> Vec<Event> {
+    let mut seen = std::collections::HashSet::new();
+    events
+        .into_iter()
+        .filter(|e| seen.insert((e.source.clone(), e.id.clone())))
+        .collect()
+}
+
 fn wait_for_alerts(agent: &mut Agent, receiver: &Receiver, ty: &str, n: usize) -> Vec<Event> {
     agent.eventually(&format!("{n} {ty} event(s)"), |_| {
         let a = alerts(receiver, ty);
@@ -191,6 +200,46 @@ fn an_open_alert_survives_a_restart_without_firing_again() {
         vec!["fired", "resolved"],
         "the restart neither re-fired nor forgot the open alert"
     );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn an_open_alert_survives_a_kill_after_its_event_was_delivered_without_firing_again_or_being_forgotten(
+) {
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    let config = TestConfig::new("gw-state-kill", &broker).http(&receiver.url(), "structured");
+    let mut agent = Agent::start(&config.toml(), &[("alerts.toml", WARM)]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+
+    publish(&broker, "vat-2", 35.0);
+    let fired = wait_for_alerts(&mut agent, &receiver, "com.example.warm", 1);
+    // Delivered means committed: no shutdown runs to save the alert state later.
+    agent.kill();
+
+    agent.start_again();
+    publish(&broker, "vat-2", 36.0);
+    publish(&broker, "vat-2", 20.0);
+    // Cursor moves are not flushed, so the fired event may arrive again after the
+    // kill, under its first id: count each id once.
+    let events = agent.eventually("the warm alert to resolve", |_| {
+        let events = once_per_id(alerts(&receiver, "com.example.warm"));
+        if events.iter().any(|e| e.data["transition"] == "resolved") {
+            Ok(events)
+        } else {
+            Err(format!("{} warm event(s)", events.len()))
+        }
+    });
+    let transitions: Vec<&str> = events
+        .iter()
+        .map(|e| e.data["transition"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        transitions,
+        vec!["fired", "resolved"],
+        "the kill neither re-fired nor forgot the open alert"
+    );
+    assert_eq!(events[0].id, fired[0].id, "one fired event, under one id");
     assert!(agent.stop().success());
 }
 
