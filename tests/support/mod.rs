@@ -344,6 +344,20 @@ impl Mosquitto {
         self.log.lock().unwrap().clone()
     }
 
+    /// How many PUBACKs the broker has received from `client_id` on this run: the
+    /// QoS 1 messages that client acknowledged.
+    pub fn pubacks_from(&self, client_id: &str) -> usize {
+        let needle = format!("Received PUBACK from {client_id} ");
+        self.log().matches(&needle).count()
+    }
+
+    /// How many PUBLISHes the broker has sent to `client_id` on this run, resends
+    /// included.
+    pub fn publishes_to(&self, client_id: &str) -> usize {
+        let needle = format!("Sending PUBLISH to {client_id} ");
+        self.log().matches(&needle).count()
+    }
+
     /// Waits until `client_id` has subscribed to `topic` on the current broker run.
     /// mosquitto logs each granted subscription as `{client_id} {qos} {topic}`.
     pub fn wait_for_subscription(&self, client_id: &str, topic: &str) {
@@ -651,6 +665,15 @@ impl Receiver {
         let server = tiny_http::Server::from_listener(port.listen(), None)
             .unwrap_or_else(|e| panic!("HTTP receiver on held port {p}: {e}"));
         Self::serve(p, server, failing)
+    }
+
+    /// Listens on `port`, e.g. one read from [`free_port`] earlier (the benchmark's
+    /// offline upstream); tests use [`DownPort`], which nobody else can take.
+    pub fn on_port(port: u16) -> Self {
+        let server = eventually(&format!("HTTP receiver bound to port {port}"), || {
+            tiny_http::Server::http(("127.0.0.1", port)).map_err(|e| e.to_string())
+        });
+        Self::serve(port, server, None)
     }
 
     fn serve(port: u16, server: tiny_http::Server, failing: Option<u16>) -> Self {
@@ -993,6 +1016,10 @@ pub struct TestConfig {
     pub batch_max: usize,
     pub admin_port: u16,
     pub console: bool,
+    /// `[store] max_bytes`.
+    pub store_max_bytes: String,
+    /// `[store] when_full`: `drop_oldest` or `reject_new`.
+    pub when_full: String,
     /// Appended verbatim.
     pub extra: String,
 }
@@ -1009,6 +1036,8 @@ impl TestConfig {
             batch_max: 100,
             admin_port: free_port(),
             console: false,
+            store_max_bytes: "64MiB".to_string(),
+            when_full: "drop_oldest".to_string(),
             extra: String::new(),
         }
     }
@@ -1060,7 +1089,10 @@ reconnect = {{ min = "100ms", max = "1s" }}
         if let Some(mp) = &self.max_payload {
             s.push_str(&format!("max_payload = {mp:?}\n"));
         }
-        s.push_str("\n[rules]\ndir = \"rules\"\n\n[store]\nmax_bytes = \"64MiB\"\nwhen_full = \"drop_oldest\"\n");
+        s.push_str(&format!(
+            "\n[rules]\ndir = \"rules\"\n\n[store]\nmax_bytes = {:?}\nwhen_full = {:?}\n",
+            self.store_max_bytes, self.when_full
+        ));
         if let Some((url, mode)) = &self.http {
             s.push_str(&format!(
                 r#"
