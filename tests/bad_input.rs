@@ -123,11 +123,15 @@ fn bad_payloads_are_counted_and_logged_and_good_readings_still_arrive() {
 fn a_log_pipe_whose_reader_is_gone_neither_kills_the_agent_nor_stops_its_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ferry.toml");
+    let admin = free_port();
     std::fs::write(
         &config,
-        "[agent]\nid = \"gw\"\ndata_dir = \"data\"\n\n\
-         [[source.simulator]]\nname = \"demo\"\ninterval = \"50ms\"\n\n\
-         [[sink.console]]\nname = \"out\"\n",
+        format!(
+            "[agent]\nid = \"gw\"\ndata_dir = \"data\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+             [[source.simulator]]\nname = \"demo\"\ninterval = \"50ms\"\n\n\
+             [[sink.console]]\nname = \"out\"\n"
+        ),
     )
     .unwrap();
     let mut child = ferry()
@@ -143,7 +147,23 @@ fn a_log_pipe_whose_reader_is_gone_neither_kills_the_agent_nor_stops_its_shutdow
     let mut first = String::new();
     std::io::BufRead::read_line(&mut stderr, &mut first).unwrap();
     drop(stderr);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Readings keep being committed well after the pipe closed (one every 50ms).
+    let after_close = eventually("the admin endpoint to answer", || scrape(admin))
+        .value("ferry_store_committed_total", &[]);
+    eventually(
+        "20 more readings committed with the log pipe closed",
+        || {
+            assert!(child.try_wait().unwrap().is_none(), "the agent died");
+            let now = scrape(admin)?.value("ferry_store_committed_total", &[]);
+            if now >= after_close + 20.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{now} committed, {after_close} when the pipe closed"
+                ))
+            }
+        },
+    );
     assert!(child.try_wait().unwrap().is_none(), "the agent died");
     signal(&child, libc::SIGTERM);
     let status = wait_with_deadline(&mut child, std::time::Duration::from_secs(15));

@@ -44,6 +44,15 @@ fn alerts(receiver: &Receiver, ty: &str) -> Vec<Event> {
         .collect()
 }
 
+/// The first arrival of each event id, in arrival order.
+fn once_per_id(events: Vec<Event>) -> Vec<Event> {
+    let mut seen = std::collections::HashSet::new();
+    events
+        .into_iter()
+        .filter(|e| seen.insert((e.source.clone(), e.id.clone())))
+        .collect()
+}
+
 fn wait_for_alerts(agent: &mut Agent, receiver: &Receiver, ty: &str, n: usize) -> Vec<Event> {
     agent.eventually(&format!("{n} {ty} event(s)"), |_| {
         let a = alerts(receiver, ty);
@@ -66,7 +75,13 @@ fn a_saved_rule_file_takes_effect_and_a_broken_one_keeps_the_running_rules() {
     publish(&broker, "oven-1", 35.0);
     wait_for_alerts(&mut agent, &receiver, "com.example.warm", 1);
 
-    save(&agent, "alerts.toml", HOT);
+    // The new set also reports a sensor silent for 1s: the agent's own clock, to
+    // show later that time passed without anything reloading.
+    let hot_and_silent = format!(
+        "{HOT}\n[[rule]]\nid = \"silent\"\nstale = \"1s\"\n\
+         emit = {{ type = \"com.example.silent\", severity = \"info\" }}\n"
+    );
+    save(&agent, "alerts.toml", &hot_and_silent);
     agent.wait_for_metric("ferry_rules_reloads_total", &[("result", "ok")], 1.0);
     publish(&broker, "oven-2", 35.0);
     publish(&broker, "oven-2", 55.0);
@@ -97,8 +112,15 @@ fn a_saved_rule_file_takes_effect_and_a_broken_one_keeps_the_running_rules() {
         "the running rules stayed"
     );
     // Reading the files for a reload is not a change: nothing reloads by itself
-    // afterwards (several debounce windows pass here).
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // afterwards. oven-3 is reported silent only after 1s of the agent's time, more
+    // than three of the watcher's 300ms debounce windows.
+    let silent = agent.eventually("oven-3 to be reported silent", |_| {
+        alerts(&receiver, "com.example.silent")
+            .into_iter()
+            .find(|e| e.subject.as_deref() == Some("oven-3"))
+            .ok_or_else(|| "not yet".to_string())
+    });
+    assert_eq!(silent.data["transition"], "fired");
     let m = agent.metrics();
     for result in ["ok", "failed"] {
         assert_eq!(
@@ -112,7 +134,7 @@ fn a_saved_rule_file_takes_effect_and_a_broken_one_keeps_the_running_rules() {
 }
 
 #[test]
-fn sighup_reloads_the_rules_when_watching_is_off() {
+fn with_watching_off_a_saved_rule_file_waits_for_sighup_and_sighup_reloads_it() {
     let broker = Mosquitto::start();
     let receiver = Receiver::start();
     let config = TestConfig::new("gw-hup", &broker).http(&receiver.url(), "structured");
@@ -122,12 +144,40 @@ fn sighup_reloads_the_rules_when_watching_is_off() {
     let mut agent = Agent::start(&text, &[("alerts.toml", WARM)]);
     broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
 
+    // Saved, not signalled: a reading taken after the save still meets the old rules.
     save(&agent, "alerts.toml", HOT);
+    publish(&broker, "kiln-1", 55.0);
+    let warm = wait_for_alerts(&mut agent, &receiver, "com.example.warm", 1);
+    assert_eq!(warm[0].subject.as_deref(), Some("kiln-1"));
+    assert!(alerts(&receiver, "com.example.hot").is_empty());
+    let m = agent.metrics();
+    assert_eq!(
+        m.value("ferry_rules_reloads_total", &[]),
+        0.0,
+        "nothing reloads before the signal: {}",
+        m.ferry_lines()
+    );
+
     agent.hup();
     agent.wait_for_metric("ferry_rules_reloads_total", &[("result", "ok")], 1.0);
-    publish(&broker, "kiln-1", 55.0);
-    wait_for_alerts(&mut agent, &receiver, "com.example.hot", 1);
-    assert!(alerts(&receiver, "com.example.warm").is_empty());
+    let reloads: Vec<String> = agent
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("rules reloaded"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        reloads.len() == 1 && reloads[0].contains("SIGHUP"),
+        "exactly one reload, for the signal: {reloads:?}"
+    );
+    publish(&broker, "kiln-2", 55.0);
+    let hot = wait_for_alerts(&mut agent, &receiver, "com.example.hot", 1);
+    assert_eq!(hot[0].subject.as_deref(), Some("kiln-2"));
+    assert_eq!(
+        alerts(&receiver, "com.example.warm").len(),
+        1,
+        "the replaced rule no longer fires"
+    );
     assert!(agent.stop().success());
 }
 
@@ -135,8 +185,8 @@ fn sighup_reloads_the_rules_when_watching_is_off() {
 fn a_rule_switches_a_local_actuator_over_mqtt_without_any_uplink() {
     let broker = Mosquitto::start();
     // The cloud is unreachable for the whole test.
-    let config = TestConfig::new("gw-fan", &broker)
-        .http(&format!("http://127.0.0.1:{}/events", free_port()), "batch");
+    let cloud = DownPort::hold();
+    let config = TestConfig::new("gw-fan", &broker).http(&cloud.url(), "batch");
     let fan = r#"[[rule]]
 id = "fan"
 when = "temperature > 35"
@@ -191,6 +241,46 @@ fn an_open_alert_survives_a_restart_without_firing_again() {
         vec!["fired", "resolved"],
         "the restart neither re-fired nor forgot the open alert"
     );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn an_open_alert_survives_a_kill_after_its_event_was_delivered_without_firing_again_or_being_forgotten(
+) {
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    let config = TestConfig::new("gw-state-kill", &broker).http(&receiver.url(), "structured");
+    let mut agent = Agent::start(&config.toml(), &[("alerts.toml", WARM)]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+
+    publish(&broker, "vat-2", 35.0);
+    let fired = wait_for_alerts(&mut agent, &receiver, "com.example.warm", 1);
+    // Delivered means committed: no shutdown runs to save the alert state later.
+    agent.kill();
+
+    agent.start_again();
+    publish(&broker, "vat-2", 36.0);
+    publish(&broker, "vat-2", 20.0);
+    // Cursor moves are not flushed, so the fired event may arrive again after the
+    // kill, under its first id: count each id once.
+    let events = agent.eventually("the warm alert to resolve", |_| {
+        let events = once_per_id(alerts(&receiver, "com.example.warm"));
+        if events.iter().any(|e| e.data["transition"] == "resolved") {
+            Ok(events)
+        } else {
+            Err(format!("{} warm event(s)", events.len()))
+        }
+    });
+    let transitions: Vec<&str> = events
+        .iter()
+        .map(|e| e.data["transition"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        transitions,
+        vec!["fired", "resolved"],
+        "the kill neither re-fired nor forgot the open alert"
+    );
+    assert_eq!(events[0].id, fired[0].id, "one fired event, under one id");
     assert!(agent.stop().success());
 }
 

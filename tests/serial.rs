@@ -360,7 +360,7 @@ action.serial_write = { port = "valves", line = "CLOSE {device}", clear_line = "
 }
 
 #[test]
-fn a_port_absent_at_start_and_a_port_flooding_garbage_delay_neither_other_ports_nor_mqtt() {
+fn a_port_absent_at_start_and_a_port_flooding_garbage_stop_neither_other_ports_nor_mqtt() {
     let dir = tempfile::tempdir().unwrap();
     let flood = Cable::plug(dir.path(), "flood");
     let live = Cable::plug(dir.path(), "live");
@@ -436,11 +436,18 @@ fn a_port_absent_at_start_and_a_port_flooding_garbage_delay_neither_other_ports_
 
 #[test]
 fn a_fresh_command_displaces_stale_ones_queued_while_the_port_was_away() {
+    // "quiet" reports a tank silent for 4s, by the agent's own clock: longer than
+    // the queue's 3s max_age, so a command queued with the reading is stale by then.
     let rules = r#"
 [[rule]]
 id = "tank-full"
 when = "level > 90"
 action.serial_write = { port = "valves", line = "CLOSE {device}" }
+
+[[rule]]
+id = "quiet"
+stale = "4s"
+emit = { type = "com.example.quiet", severity = "info" }
 "#;
     let mut t = Tanks::start("{ queue = 2, max_age = \"3s\" }", rules);
     t.unplug_valves();
@@ -448,7 +455,18 @@ action.serial_write = { port = "valves", line = "CLOSE {device}" }
     // Two commands wait until they are stale; a third finds the queue full.
     t.tank.send(b"tank-1,95\ntank-2,95\n");
     wait_for(&mut t.agent, &t.receiver, "tank-2", 1);
-    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let receiver = &t.receiver;
+    t.agent.eventually("tank-2 to be reported quiet", |_| {
+        let quiet = receiver
+            .events()
+            .iter()
+            .any(|e| e.ty == "com.example.quiet" && e.subject.as_deref() == Some("tank-2"));
+        if quiet {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    });
     t.tank.send(b"tank-3,95\n");
     wait_for(&mut t.agent, &t.receiver, "tank-3", 1);
     t.valves.replug();

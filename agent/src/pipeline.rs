@@ -689,13 +689,63 @@ impl Committer {
         }
     }
 
-    /// Commits until it works; `false` only if shutdown came first.
+    /// Commits until it works; `false` only if shutdown came first. A batch larger
+    /// than the whole store (a group commit of large readings into a small store)
+    /// is committed in parts, in order, the rule state with the last; a single
+    /// record larger than the store can never fit, so it is dropped and counted
+    /// (`too_large`), like input rejected at the door.
     async fn commit(
         &mut self,
         records: Vec<Record>,
         state: StateWrite,
         shutdown: &CancellationToken,
     ) -> bool {
+        let mut parts = std::collections::VecDeque::from([records]);
+        let mut state = Some(state);
+        while let Some(part) = parts.pop_front() {
+            let last = parts.is_empty();
+            let this_state = if last { state.take() } else { None };
+            match self
+                .commit_part(part, this_state.unwrap_or_default(), shutdown)
+                .await
+            {
+                Committed::Yes => {}
+                Committed::Stopped => return false,
+                Committed::TooLarge(mut part, part_state) => {
+                    if last {
+                        state = Some(part_state);
+                    }
+                    if part.len() > 1 {
+                        let second = part.split_off(part.len() / 2);
+                        parts.push_front(second);
+                        parts.push_front(part);
+                    } else {
+                        let subject = part.first().map(|r| r.subject.clone()).unwrap_or_default();
+                        metrics::counter!("ferry_store_dropped_total", "reason" => "too_large")
+                            .increment(part.len() as u64);
+                        if let Some(suppressed) = self.log_limit.check(Instant::now()) {
+                            warn!(device = %subject, suppressed, "a record larger than store.max_bytes can never be stored; dropped it");
+                        }
+                        if last {
+                            // The rule state still has to go in.
+                            parts.push_front(Vec::new());
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    async fn commit_part(
+        &mut self,
+        records: Vec<Record>,
+        state: StateWrite,
+        shutdown: &CancellationToken,
+    ) -> Committed {
+        if records.is_empty() && state.is_empty() {
+            return Committed::Yes;
+        }
         let records = Arc::new(records);
         let state = Arc::new(state);
         let mut backoff = Backoff::new(BackoffConfig::new(
@@ -704,8 +754,8 @@ impl Committer {
         ));
         let mut reported = false;
         loop {
-            let (batch, state) = (Arc::clone(&records), Arc::clone(&state));
-            match forward::blocking(&self.store, move |s| s.append(&batch, &state)).await {
+            let (batch, batch_state) = (Arc::clone(&records), Arc::clone(&state));
+            match forward::blocking(&self.store, move |s| s.append(&batch, &batch_state)).await {
                 Ok(appended) => {
                     metrics::counter!("ferry_store_committed_total")
                         .increment(records.len() as u64);
@@ -725,7 +775,13 @@ impl Committer {
                     self.head
                         .send_replace(appended.first + records.len() as u64);
                     crate::telemetry::backlog_gauges(self.store.as_ref(), &self.sinks);
-                    return true;
+                    return Committed::Yes;
+                }
+                Err(StoreError::TooLarge { .. }) => {
+                    // The store took none of it: hand it back whole to be split.
+                    let records = Arc::try_unwrap(records).unwrap_or_else(|r| (*r).clone());
+                    let state = Arc::try_unwrap(state).unwrap_or_else(|s| (*s).clone());
+                    return Committed::TooLarge(records, state);
                 }
                 Err(error) => {
                     if !reported {
@@ -740,13 +796,22 @@ impl Committer {
                         reported = true;
                     }
                     tokio::select! {
-                        _ = shutdown.cancelled() => return false,
+                        _ = shutdown.cancelled() => return Committed::Stopped,
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
                 }
             }
         }
     }
+}
+
+/// How one [`Committer::commit_part`] ended.
+enum Committed {
+    Yes,
+    /// Shutdown came before the store took it.
+    Stopped,
+    /// Larger than the whole store: the records and state, untouched.
+    TooLarge(Vec<Record>, StateWrite),
 }
 
 /// What one turn of the commit task produced.
@@ -775,10 +840,17 @@ mod tests {
     struct Recorder {
         appends: Mutex<Vec<(Vec<Record>, StateWrite)>>,
         log: Arc<Mutex<Vec<String>>>,
+        /// Refuse batches of more records than this, as a store refuses a batch
+        /// larger than itself; a record whose subject is "huge" never fits.
+        max_records: Option<usize>,
     }
 
     impl Store for Recorder {
         fn append(&self, records: &[Record], state: &StateWrite) -> Result<Appended, StoreError> {
+            let huge = records.iter().any(|r| r.subject == "huge");
+            if huge || self.max_records.is_some_and(|max| records.len() > max) {
+                return Err(StoreError::TooLarge { bytes: 2, max: 1 });
+            }
             self.log.lock().unwrap().push("commit".into());
             let mut appends = self.appends.lock().unwrap();
             let first = appends.iter().map(|(r, _)| r.len() as u64).sum();
@@ -939,6 +1011,70 @@ emit = { type = "com.example.hot" }
         assert_eq!(
             appends[2].1.entries,
             [(r#"["hot","new"]"#.to_string(), None)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_store_is_committed_in_parts_in_order_before_the_acks() {
+        let store = Arc::new(Recorder {
+            max_records: Some(2),
+            ..Recorder::default()
+        });
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        let devices = ["d1", "d2", "d3", "d4", "d5"];
+        turn(
+            &mut c,
+            &log,
+            devices.iter().map(|d| (*d, r#"{"t":1}"#)).collect(),
+        )
+        .await;
+        let appends = store.appends.lock().unwrap();
+        let stored: Vec<&str> = appends
+            .iter()
+            .flat_map(|(records, _)| records.iter().map(|r| r.subject.as_str()))
+            .collect();
+        assert_eq!(stored, devices);
+        assert!(appends.iter().all(|(records, _)| records.len() <= 2));
+        let log = log.lock().unwrap();
+        let first_ack = log.iter().position(|l| l.starts_with("ack")).unwrap();
+        assert_eq!(
+            first_ack,
+            appends.len(),
+            "every part is committed before any ack"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_larger_than_the_store_is_dropped_and_its_alert_state_still_saved() {
+        let store = Arc::new(Recorder::default());
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        turn(
+            &mut c,
+            &log,
+            vec![("ok", r#"{"t":1}"#), ("huge", r#"{"t":40}"#)],
+        )
+        .await;
+        let appends = store.appends.lock().unwrap();
+        let stored: Vec<&str> = appends
+            .iter()
+            .flat_map(|(records, _)| records.iter().map(|r| r.subject.as_str()))
+            .collect();
+        assert_eq!(stored, ["ok"]);
+        // The alert on "huge" opened: its state is saved although its records were not.
+        let saved: Vec<&str> = appends
+            .iter()
+            .flat_map(|(_, state)| state.entries.iter().map(|(k, _)| k.as_str()))
+            .collect();
+        assert_eq!(saved, [r#"["hot","huge"]"#]);
+        assert_eq!(
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.starts_with("ack"))
+                .count(),
+            2
         );
     }
 

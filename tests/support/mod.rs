@@ -3,9 +3,10 @@
 //! - [`Mosquitto`]: a real `mosquitto` broker on a free loopback port, with its log
 //!   captured (subscriptions are read from it), publishing through `mosquitto_pub`.
 //! - [`Receiver`]: a real HTTP server (tiny_http on a thread) that records every
-//!   request and can answer 503 for a while; "down" means nobody listens yet.
+//!   request and can answer 503 for a while. A down upstream is a [`DownPort`]: bound
+//!   but not listening, so connections are refused and no other test takes the port.
 //! - [`Agent`]: the real `ferry` binary as a child process, its config and rule files
-//!   in a temp dir, stopped with a real SIGTERM.
+//!   in a temp dir, stopped with a real SIGTERM or killed with SIGKILL.
 //! - [`Metrics`]: a scrape of the agent's Prometheus endpoint.
 //! - [`Cable`]: a serial cable (a socat pty pair) that can be unplugged and replugged.
 //!
@@ -44,6 +45,65 @@ const POLL: Duration = Duration::from_millis(50);
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().unwrap().port()
+}
+
+/// A loopback port held bound but not listening: connections to it are refused (an
+/// upstream that is down), and nobody else can take the port meanwhile, unlike a
+/// port released after reading it. [`Receiver::on`] brings the upstream up on the
+/// very same socket.
+pub struct DownPort {
+    listener: TcpListener,
+    port: u16,
+}
+
+impl DownPort {
+    pub fn hold() -> DownPort {
+        use std::os::fd::FromRawFd;
+        // std binds and listens in one call; a socket that is only bound is refused
+        // by the kernel like a closed port, so bind it by hand.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket(): {}", std::io::Error::last_os_error());
+        // Owned from here on: closed on drop, also if an assertion below fails.
+        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                std::ptr::addr_of!(addr).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "bind(): {}", std::io::Error::last_os_error());
+        let port = listener
+            .local_addr()
+            .expect("a bound socket has an address")
+            .port();
+        DownPort { listener, port }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:PORT/events`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/events", self.port)
+    }
+
+    /// Starts listening on the held socket.
+    fn listen(self) -> TcpListener {
+        use std::os::fd::AsRawFd;
+        let rc = unsafe { libc::listen(self.listener.as_raw_fd(), 128) };
+        assert_eq!(rc, 0, "listen(): {}", std::io::Error::last_os_error());
+        self.listener
+    }
 }
 
 /// Polls `cond` until it holds, failing the test after [`DEADLINE`] with `what` and
@@ -282,6 +342,20 @@ impl Mosquitto {
     /// The current run's log.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// How many PUBACKs the broker has received from `client_id` on this run: the
+    /// QoS 1 messages that client acknowledged.
+    pub fn pubacks_from(&self, client_id: &str) -> usize {
+        let needle = format!("Received PUBACK from {client_id} ");
+        self.log().matches(&needle).count()
+    }
+
+    /// How many PUBLISHes the broker has sent to `client_id` on this run, resends
+    /// included.
+    pub fn publishes_to(&self, client_id: &str) -> usize {
+        let needle = format!("Sending PUBLISH to {client_id} ");
+        self.log().matches(&needle).count()
     }
 
     /// Waits until `client_id` has subscribed to `topic` on the current broker run.
@@ -564,25 +638,45 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Listens on a free port, answering 200.
+    /// Listens on a port of its own, answering 200.
     pub fn start() -> Self {
-        Self::on_port(free_port())
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the HTTP receiver");
+        let port = listener
+            .local_addr()
+            .expect("a bound socket has an address")
+            .port();
+        let server = tiny_http::Server::from_listener(listener, None)
+            .unwrap_or_else(|e| panic!("HTTP receiver on port {port}: {e}"));
+        Self::serve(port, server, None)
     }
 
-    /// Listens on `port` (e.g. one reserved earlier, while the upstream was "down").
+    /// Brings a down upstream up: listens on the held port, answering 200.
+    pub fn on(port: DownPort) -> Self {
+        Self::serve_on(port, None)
+    }
+
+    /// Brings a down upstream up answering `status` from the very first request.
+    pub fn on_failing(port: DownPort, status: u16) -> Self {
+        Self::serve_on(port, Some(status))
+    }
+
+    fn serve_on(port: DownPort, failing: Option<u16>) -> Self {
+        let p = port.port();
+        let server = tiny_http::Server::from_listener(port.listen(), None)
+            .unwrap_or_else(|e| panic!("HTTP receiver on held port {p}: {e}"));
+        Self::serve(p, server, failing)
+    }
+
+    /// Listens on `port`, e.g. one read from [`free_port`] earlier (the benchmark's
+    /// offline upstream); tests use [`DownPort`], which nobody else can take.
     pub fn on_port(port: u16) -> Self {
-        Self::serve(port, None)
-    }
-
-    /// Listens on `port`, answering `status` from the very first request.
-    pub fn on_port_failing(port: u16, status: u16) -> Self {
-        Self::serve(port, Some(status))
-    }
-
-    fn serve(port: u16, failing: Option<u16>) -> Self {
         let server = eventually(&format!("HTTP receiver bound to port {port}"), || {
             tiny_http::Server::http(("127.0.0.1", port)).map_err(|e| e.to_string())
         });
+        Self::serve(port, server, None)
+    }
+
+    fn serve(port: u16, server: tiny_http::Server, failing: Option<u16>) -> Self {
         let state = Arc::new(Mutex::new(ReceiverState {
             failing,
             refuse: None,
@@ -922,6 +1016,10 @@ pub struct TestConfig {
     pub batch_max: usize,
     pub admin_port: u16,
     pub console: bool,
+    /// `[store] max_bytes`.
+    pub store_max_bytes: String,
+    /// `[store] when_full`: `drop_oldest` or `reject_new`.
+    pub when_full: String,
     /// Appended verbatim.
     pub extra: String,
 }
@@ -938,6 +1036,8 @@ impl TestConfig {
             batch_max: 100,
             admin_port: free_port(),
             console: false,
+            store_max_bytes: "64MiB".to_string(),
+            when_full: "drop_oldest".to_string(),
             extra: String::new(),
         }
     }
@@ -989,7 +1089,10 @@ reconnect = {{ min = "100ms", max = "1s" }}
         if let Some(mp) = &self.max_payload {
             s.push_str(&format!("max_payload = {mp:?}\n"));
         }
-        s.push_str("\n[rules]\ndir = \"rules\"\n\n[store]\nmax_bytes = \"64MiB\"\nwhen_full = \"drop_oldest\"\n");
+        s.push_str(&format!(
+            "\n[rules]\ndir = \"rules\"\n\n[store]\nmax_bytes = {:?}\nwhen_full = {:?}\n",
+            self.store_max_bytes, self.when_full
+        ));
         if let Some((url, mode)) = &self.http {
             s.push_str(&format!(
                 r#"
@@ -1110,6 +1213,24 @@ impl Agent {
                 );
             }
         }
+    }
+
+    /// Kills the agent with SIGKILL, as a power cut or the OOM killer would: no
+    /// shutdown code runs, so only what was already committed survives.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("the agent is not running");
+        signal(&child, libc::SIGKILL);
+        let status = child.wait().expect("reap the killed agent");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "the agent exited before it was killed ({status}); stderr:\n{}",
+            tail(&self.stderr(), 40)
+        );
+        self.stderr
+            .lock()
+            .unwrap()
+            .push_str("---- killed (SIGKILL) ----\n");
     }
 
     /// Fails the test (with the agent's log) if the agent has exited.

@@ -111,8 +111,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readings_are_repeatable() {
-        assert_eq!(reading(2, 10), reading(2, 10));
+    fn a_reading_is_a_fixed_function_of_device_and_tick() {
+        let expected = json!({"temperature": 16.5, "humidity": 36.2, "seq": 10});
+        assert_eq!(Value::Object(reading(2, 10)), expected);
     }
 
     #[test]

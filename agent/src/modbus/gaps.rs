@@ -156,9 +156,15 @@ mod tests {
     #[test]
     fn keys_are_tracked_apart() {
         let mut g = Gaps::default();
-        assert!(g.observe(1, Some(())).is_some());
-        assert!(g.observe(2, Some(())).is_some());
-        assert!(g.observe(1, None).is_some());
+        assert_eq!(g.observe(1, Some(())), Some(Turn::Opened { first: true }));
+        assert_eq!(g.observe(2, Some(())), Some(Turn::Opened { first: true }));
+        assert_eq!(
+            g.observe(1, None),
+            Some(Turn::Closed {
+                first: true,
+                polls: 1
+            })
+        );
         assert_eq!(g.observe(2, Some(())), None, "2 is still missing");
         assert_eq!(g.observe(1, None), None, "1 is back already");
     }

@@ -485,10 +485,19 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, DecodeError::NotFinite { .. }), "{err}");
         let inf = f32::INFINITY.to_bits();
-        assert!(r.decode_words(&[(inf >> 16) as u16, inf as u16]).is_err());
+        let err = r
+            .decode_words(&[(inf >> 16) as u16, inf as u16])
+            .unwrap_err();
+        assert!(matches!(err, DecodeError::NotFinite { .. }), "{err}");
         let r = reg("field='t'\naddress=0\ntype='f32'\nscale=1e300");
         let max = f32::MAX.to_bits();
-        assert!(r.decode_words(&[(max >> 16) as u16, max as u16]).is_err());
+        let err = r
+            .decode_words(&[(max >> 16) as u16, max as u16])
+            .unwrap_err();
+        assert!(
+            matches!(err, DecodeError::NotFinite { .. }),
+            "scaled past f64: {err}"
+        );
     }
 
     #[test]
@@ -502,10 +511,24 @@ mod tests {
                 got: 1
             }
         );
-        assert!(r.decode_words(&[]).is_err());
-        assert!(reg("field='c'\naddress=0\nfunction='coil'")
-            .decode_bits(&[])
-            .is_err());
+        assert_eq!(
+            r.decode_words(&[]).unwrap_err(),
+            DecodeError::Short {
+                field: "e".into(),
+                want: 2,
+                got: 0
+            }
+        );
+        assert_eq!(
+            reg("field='c'\naddress=0\nfunction='coil'")
+                .decode_bits(&[])
+                .unwrap_err(),
+            DecodeError::Short {
+                field: "c".into(),
+                want: 1,
+                got: 0
+            }
+        );
     }
 
     #[test]

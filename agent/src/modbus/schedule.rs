@@ -346,7 +346,9 @@ mod tests {
         }
         assert_eq!(s.interval(0), LONGEST);
         s.record(0, Ok(()), t0);
-        assert!(s.next().is_some());
+        let (slave, due) = s.next().expect("one slave is always scheduled");
+        assert_eq!(slave, 0);
+        assert!(due > t0, "the next poll is after this one: {due:?}");
     }
 
     #[test]

@@ -131,7 +131,11 @@ mod tests {
         q.push(line("old-2", t0));
         let displaced = q.push(line("fresh", t0 + Duration::from_secs(5)));
         assert_eq!(displaced.map(|l| l.line), Some("old-1".into()));
-        assert_eq!(q.len(), 2);
+        let mut expired = Vec::new();
+        let left: Vec<String> = std::iter::from_fn(|| q.pop(t0, &mut expired).map(|l| l.line))
+            .take(3)
+            .collect();
+        assert_eq!(left, ["old-2", "fresh"]);
     }
 
     #[test]
@@ -154,9 +158,8 @@ mod tests {
         let mut q = LineQueue::new(2, Duration::from_secs(60));
         q.push(line("a", t0));
         let mut expired = Vec::new();
-        let a = q
-            .pop(t0, &mut expired)
-            .unwrap_or_else(|| line("missing", t0));
+        let a = q.pop(t0, &mut expired).expect("the queue holds a");
+        assert_eq!(a.line, "a");
         q.push(line("b", t0));
         assert_eq!(q.requeue(a.clone()), None);
         assert_eq!(q.pop(t0, &mut expired), Some(a.clone()));
@@ -166,6 +169,16 @@ mod tests {
             Some(a),
             "full: the oldest line is the one to go"
         );
+        let mut rest = Vec::new();
+        while let Some(l) = q.pop(t0, &mut expired) {
+            rest.push(l);
+        }
+        assert_eq!(
+            texts(&rest),
+            ["b", "c"],
+            "the queued lines stay as they were"
+        );
+        assert!(expired.is_empty());
     }
 
     #[test]
@@ -174,5 +187,6 @@ mod tests {
         let mut q = LineQueue::new(0, Duration::from_secs(1));
         assert_eq!(q.push(line("a", t0)), None);
         assert_eq!(q.push(line("b", t0)).map(|l| l.line), Some("a".into()));
+        assert_eq!(q.len(), 1);
     }
 }

@@ -163,6 +163,9 @@ pub struct Read {
 pub enum StoreError {
     #[error("store is full ({used} of {max} bytes) and store.when_full = reject_new")]
     Full { used: u64, max: u64 },
+    /// A single batch larger than `max_bytes`: it cannot fit even in an empty store.
+    #[error("a batch of {bytes} bytes cannot fit in a store of {max} bytes")]
+    TooLarge { bytes: u64, max: u64 },
     #[error("storage error: {0}")]
     Backend(String),
     #[error("a stored record cannot be read: {0}")]
@@ -221,7 +224,8 @@ pub struct Stats {
 pub trait Store: Send + Sync + 'static {
     /// Commits a batch durably (fsync) and returns its first sequence. Under
     /// `drop_oldest` old records may be removed to make room; under `reject_new`
-    /// returns [`StoreError::Full`] instead. `state` holds the changes to the rule
+    /// returns [`StoreError::Full`] instead. A batch larger than the whole store is
+    /// refused with [`StoreError::TooLarge`] under either policy. `state` holds the changes to the rule
     /// engine's saved state that this batch made; they commit in the same
     /// transaction, so an alert event and the state that says it was sent can never
     /// disagree.

@@ -459,6 +459,15 @@ impl Store for SledStore {
         let mut dropped = 0;
         let excess = overflow(st.stats.bytes, incoming, self.max_bytes);
         if excess > 0 {
+            // Even an empty store has no room for it: refuse it whole, rather than
+            // wipe what the sinks still need and break the bound anyway, or hold
+            // input for a room that never comes.
+            if incoming > self.max_bytes {
+                return Err(StoreError::TooLarge {
+                    bytes: incoming,
+                    max: self.max_bytes,
+                });
+            }
             match self.when_full {
                 WhenFull::RejectNew => {
                     return Err(StoreError::Full {
@@ -992,6 +1001,45 @@ mod tests {
         assert_eq!(s.cursor("a").unwrap(), 7);
         assert!(!fresh.exists());
         assert!(!dir.path().join(COMPACT_MANIFEST).exists());
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_whole_store_is_refused_and_leaves_the_store_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(
+            dir.path(),
+            &cfg(10_000, WhenFull::DropOldest),
+            &sinks(&["a"]),
+        )
+        .unwrap();
+        s.append(&[record(0, 1000), record(1, 1000)], &StateWrite::default())
+            .unwrap();
+        let before = s.stats();
+
+        let huge: Vec<Record> = (2..14).map(|i| record(i, 1000)).collect();
+        match s.append(&huge, &StateWrite::default()) {
+            Err(StoreError::TooLarge { bytes, max }) => {
+                assert!(bytes > 10_000, "{bytes}");
+                assert_eq!(max, 10_000);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert_eq!(s.stats(), before, "nothing was dropped or stored");
+        let kept: Vec<u64> = s
+            .read(0, 100, usize::MAX)
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(kept, vec![0, 1]);
+        // A batch that fits still goes in, after the refused one, with the next sequence.
+        assert_eq!(
+            s.append(&[record(2, 1000)], &StateWrite::default())
+                .unwrap()
+                .first,
+            2
+        );
     }
 
     impl Record {
