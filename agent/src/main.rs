@@ -111,6 +111,7 @@ fn main() -> ExitCode {
             // user only, also when the data dir is created outside systemd
             // (`StateDirectory=` already makes the directory 0700).
             rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+            tune_allocator();
             init_logs(log_format);
             match run(config, data_dir) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -123,6 +124,24 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// glibc keeps freed memory in per-thread arenas, and once a large block is freed
+/// it raises its mmap threshold, so later large blocks come from those arenas too:
+/// after a burst of large readings the agent kept hundreds of MiB it no longer
+/// used (docs/BENCHMARKS.md). A fixed threshold (large blocks are mapped and
+/// unmapped on their own) and two arenas give that memory back.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only sets allocator parameters; it is called before any
+    // other thread exists. A refusal (0) leaves glibc's defaults, which work.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
 
 fn check(path: &std::path::Path) -> ExitCode {
     let (loaded, mut problems) = Loaded::check_file(path);
