@@ -759,6 +759,16 @@ impl Committer {
                 Ok(appended) => {
                     metrics::counter!("ferry_store_committed_total")
                         .increment(records.len() as u64);
+                    // What open alerts cost the flash: it grows with what changed.
+                    let state_bytes: usize = state
+                        .entries
+                        .iter()
+                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                        .sum();
+                    if state_bytes > 0 {
+                        metrics::counter!("ferry_store_state_bytes_total")
+                            .increment(state_bytes as u64);
+                    }
                     if appended.dropped > 0 {
                         metrics::counter!("ferry_store_dropped_total", "reason" => "store_full")
                             .increment(appended.dropped);
