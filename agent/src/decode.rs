@@ -456,6 +456,17 @@ mod tests {
     }
 
     #[test]
+    fn a_number_with_many_digits_reads_back_from_the_store_bit_for_bit() {
+        // Found by fuzzing: without exact float parsing, what was stored came back
+        // one ulp off what the device sent.
+        let payload = format!(r#"{{"t":1{}e91}}"#, "6".repeat(1) + &"5".repeat(40));
+        let r = decode_json(&cfg("{topic.0}"), "d", payload.as_bytes(), now()).unwrap();
+        let stored = serde_json::to_string(&Value::Object(r.fields.clone())).unwrap();
+        let back: Value = serde_json::from_str(&stored).unwrap();
+        assert_eq!(back, Value::Object(r.fields));
+    }
+
+    #[test]
     fn a_device_id_over_256_bytes_is_a_bad_device() {
         let long = "d".repeat(MAX_DEVICE_BYTES + 1);
         let e = decode_json(
