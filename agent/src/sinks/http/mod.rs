@@ -1,13 +1,14 @@
 //! The HTTP sink: CloudEvents over the HTTP binding, in binary, structured or
 //! batched mode, to any webhook, Knative broker or Event Grid style endpoint.
 
+pub mod binding;
+
 use std::path::{Path, PathBuf};
 
-use cloudevents::Event;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
 
-use super::{classify_status, cloudevent, Delivery};
+use super::{BuildError, ConfigFile, Delivery, Event, Sink, SinkConfig};
 use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::tls::TlsConfig;
 
@@ -89,8 +90,36 @@ fn default_retry() -> BackoffConfig {
     )
 }
 
-impl HttpSinkConfig {
-    pub fn validate(&self, i: usize) -> Vec<Problem> {
+impl SinkConfig for HttpSinkConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn files(&self) -> Vec<ConfigFile<'_>> {
+        let mut out = Vec::new();
+        if let Some(a) = &self.auth {
+            out.push(ConfigFile {
+                field: "auth",
+                what: "bearer_file".into(),
+                path: &a.bearer_file,
+            });
+        }
+        for (what, path) in self.tls.iter().flat_map(|t| t.files()) {
+            out.push(ConfigFile {
+                field: "tls",
+                what: format!("tls {what}"),
+                path,
+            });
+        }
+        out
+    }
+
+    fn build(&self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<Box<dyn Sink>, BuildError> {
+        let sink = HttpSink::new(self, resolve).map_err(|e| BuildError(Box::new(e)))?;
+        Ok(Box::new(sink))
+    }
+
+    fn validate(&self, i: usize) -> Vec<Problem> {
         let mut out = Vec::new();
         if let Some(tls) = &self.tls {
             if url::Url::parse(&self.url).is_ok_and(|u| u.scheme() != "https") {
@@ -187,30 +216,30 @@ pub enum HttpSinkError {
 }
 
 pub struct HttpSink {
-    pub name: String,
-    pub max_in_flight: usize,
-    pub retry: BackoffConfig,
+    name: String,
+    max_in_flight: usize,
+    retry: BackoffConfig,
     mode: HttpMode,
     batch_max: usize,
     /// Stored bytes per request; see [`HttpSinkConfig::batch_max_bytes`].
-    pub batch_max_bytes: usize,
+    batch_max_bytes: usize,
     url: String,
     client: reqwest::Client,
     auth: Option<HeaderValue>,
 }
 
 impl HttpSink {
-    /// Builds the sink; `bearer` is the token file's path already resolved.
-    /// `bearer`: the token file, resolved; `resolve` resolves the `tls` files.
+    /// Builds the sink, reading its secrets now; `resolve` resolves the paths the
+    /// config names.
     pub fn new(
         cfg: &HttpSinkConfig,
-        bearer: Option<PathBuf>,
-        resolve: impl Fn(&Path) -> PathBuf,
+        resolve: &dyn Fn(&Path) -> PathBuf,
     ) -> Result<Self, HttpSinkError> {
         let auth =
-            match bearer {
+            match &cfg.auth {
                 None => None,
-                Some(path) => {
+                Some(a) => {
+                    let path = resolve(&a.bearer_file);
                     let token =
                         std::fs::read_to_string(&path).map_err(|source| HttpSinkError::Token {
                             sink: cfg.name.clone(),
@@ -258,31 +287,54 @@ impl HttpSink {
             auth,
         })
     }
+}
 
-    pub fn per_request(&self) -> usize {
+#[async_trait::async_trait]
+impl Sink for HttpSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "http"
+    }
+
+    fn per_request(&self) -> usize {
         match self.mode {
             HttpMode::Batch => self.batch_max,
             HttpMode::Binary | HttpMode::Structured => 1,
         }
     }
 
+    fn bytes_per_request(&self) -> usize {
+        self.batch_max_bytes
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    fn retry(&self) -> BackoffConfig {
+        self.retry
+    }
+
     /// Sends one request's worth of events (one event unless in batch mode).
-    pub async fn send(&self, events: &[Event]) -> Delivery {
+    async fn send(&self, events: &[Event]) -> Delivery {
         let req = match (self.mode, events) {
             (HttpMode::Binary, [e]) => {
-                let (headers, body) = cloudevent::binary(e);
+                let (headers, body) = binding::binary(e);
                 self.client.post(&self.url).headers(headers).body(body)
             }
             (HttpMode::Structured, [e]) => self
                 .client
                 .post(&self.url)
-                .header(CONTENT_TYPE, cloudevent::STRUCTURED)
-                .body(cloudevent::structured(e)),
+                .header(CONTENT_TYPE, binding::STRUCTURED)
+                .body(binding::structured(e)),
             (HttpMode::Batch, evs) => self
                 .client
                 .post(&self.url)
-                .header(CONTENT_TYPE, cloudevent::BATCH)
-                .body(cloudevent::batch(evs)),
+                .header(CONTENT_TYPE, binding::BATCH)
+                .body(binding::batch(evs)),
             (_, evs) => {
                 return Delivery::Rejected {
                     detail: format!("{} events for a single-event mode", evs.len()),
@@ -302,18 +354,42 @@ impl HttpSink {
                 },
                 other => other,
             },
-            Err(e) => Delivery::Retry {
-                kind: if e.is_timeout() {
+            Err(e) => Delivery::retry(
+                if e.is_timeout() {
                     "timeout"
                 } else if e.is_connect() {
                     "connect"
                 } else {
                     "transport"
                 },
-                detail: error_chain(&e),
-                after: None,
-            },
+                error_chain(&e),
+            ),
         }
+    }
+}
+
+/// How an HTTP status is treated.
+///
+/// Only statuses that say "this request's content is wrong" refuse events for good;
+/// everything that says "the endpoint, the credentials or the server are wrong right
+/// now" (401, 403, 404, 3xx, 5xx, ...) is retried, because dropping a whole backlog
+/// over an expired token or a typo in the URL would lose data an operator can still
+/// save by fixing the config.
+pub fn classify_status(status: u16) -> Delivery {
+    match status {
+        200..=299 => Delivery::Accepted,
+        400 | 413 | 415 | 422 => Delivery::Rejected {
+            detail: format!("HTTP {status}"),
+        },
+        401 | 403 | 407 => Delivery::retry(
+            "auth",
+            format!("HTTP {status}: check the sink's credentials"),
+        ),
+        404 | 405 | 410 | 300..=399 => {
+            Delivery::retry("endpoint", format!("HTTP {status}: check the sink's url"))
+        }
+        500..=599 => Delivery::retry("server_error", format!("HTTP {status}")),
+        _ => Delivery::retry("retryable_status", format!("HTTP {status}")),
     }
 }
 
@@ -336,4 +412,39 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
     let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     v.trim().parse().ok().map(std::time::Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_statuses_are_accepted() {
+        assert_eq!(classify_status(200), Delivery::Accepted);
+        assert_eq!(classify_status(202), Delivery::Accepted);
+    }
+
+    #[test]
+    fn overload_and_server_errors_are_retried() {
+        for s in [408, 429, 500, 502, 503, 504, 307] {
+            assert!(matches!(classify_status(s), Delivery::Retry { .. }), "{s}");
+        }
+    }
+
+    #[test]
+    fn auth_and_endpoint_errors_are_retried_so_a_config_fix_saves_the_backlog() {
+        for s in [401, 403, 404, 405, 407] {
+            assert!(matches!(classify_status(s), Delivery::Retry { .. }), "{s}");
+        }
+    }
+
+    #[test]
+    fn errors_about_the_content_refuse_the_events_for_good() {
+        for s in [400, 413, 415, 422] {
+            assert!(
+                matches!(classify_status(s), Delivery::Rejected { .. }),
+                "{s}"
+            );
+        }
+    }
 }
