@@ -1005,6 +1005,21 @@ name = "out"
             ),
             (http, "max_in_flight = 0", "max_in_flight must be 1..=64"),
             (
+                http,
+                "auth = { header = \"Content-Type\", value_file = \"/dev/null\" }",
+                "is set by ferry or by the connection",
+            ),
+            (
+                http,
+                "auth = { header = \"x-key\", value_file = \"/nonexistent/key\" }",
+                "cannot read value_file /nonexistent/key",
+            ),
+            (
+                http,
+                "max_message = 10",
+                "max_message must be between 64B and 64MiB",
+            ),
+            (
                 "[[source.simulator]]\nname = \"x\"\n",
                 "interval = \"1000d\"",
                 "interval must be at least 1ms and at most 24h",
