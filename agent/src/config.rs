@@ -17,12 +17,11 @@ use std::time::Duration;
 use ferry_rules::Diagnostic;
 use serde::{Deserialize, Deserializer};
 
-use crate::forward::console::ConsoleSinkConfig;
-use crate::forward::http::HttpSinkConfig;
 use crate::ingest::modbus::ModbusSourceConfig;
 use crate::ingest::mqtt::MqttSourceConfig;
 use crate::ingest::serial::SerialSourceConfig;
 use crate::ingest::simulator::SimulatorConfig;
+use crate::sinks::SinksConfig;
 use crate::store::StoreConfig;
 
 /// The whole configuration file.
@@ -100,16 +99,6 @@ pub struct SourcesConfig {
     pub simulator: Vec<SimulatorConfig>,
 }
 
-/// `[[sink.http]]`, `[[sink.console]]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SinksConfig {
-    #[serde(default)]
-    pub http: Vec<HttpSinkConfig>,
-    #[serde(default)]
-    pub console: Vec<ConsoleSinkConfig>,
-}
-
 impl Config {
     /// The names rule files may refer to (sinks in `emit.to`, serial sources in
     /// `action.serial_write.port`), for checking them.
@@ -118,17 +107,6 @@ impl Config {
             known_sinks: Some(self.sink.names()),
             known_serial_ports: Some(self.source.serial.iter().map(|s| s.name.clone()).collect()),
         }
-    }
-}
-
-impl SinksConfig {
-    /// Every sink's name, in config order.
-    pub fn names(&self) -> Vec<String> {
-        self.http
-            .iter()
-            .map(|s| s.name.clone())
-            .chain(self.console.iter().map(|s| s.name.clone()))
-            .collect()
     }
 }
 
@@ -528,17 +506,26 @@ fn validate(config: &Config) -> Vec<Problem> {
     }
 
     let mut sinks = HashSet::new();
-    for (i, s) in config.sink.http.iter().enumerate() {
-        check_name(&mut out, &mut sinks, "sink", "http", i, &s.name);
-        out.extend(s.validate(i));
-    }
-    for (i, s) in config.sink.console.iter().enumerate() {
-        check_name(&mut out, &mut sinks, "sink", "console", i, &s.name);
+    for c in config.sink.iter() {
+        check_name(
+            &mut out,
+            &mut sinks,
+            "sink",
+            c.kind,
+            c.index,
+            c.config.name(),
+        );
+        out.extend(c.config.validate(c.index));
     }
     if sinks.is_empty() {
+        let tables: Vec<String> = SinksConfig::KINDS
+            .iter()
+            .map(|k| format!("[[sink.{k}]]"))
+            .collect();
         out.push(problem!(
             ["sink"],
-            "no sinks configured: add a [[sink.http]] or [[sink.console]]"
+            "no sinks configured: add one of {}",
+            tables.join(", ")
         ));
     }
     out.extend(config.store.validate());
@@ -592,17 +579,15 @@ fn validate_files(config: &Config, config_path: &Path) -> Vec<Problem> {
             );
         }
     }
-    for (i, s) in config.sink.http.iter().enumerate() {
-        if let Some(a) = &s.auth {
+    for c in config.sink.iter() {
+        for f in c.config.files() {
             readable(
-                &a.bearer_file,
-                problem!(["sink", "http", i, "auth"], "cannot read bearer_file "),
-            );
-        }
-        for (what, p) in s.tls.iter().flat_map(|t| t.files()) {
-            readable(
-                p,
-                problem!(["sink", "http", i, "tls"], "cannot read tls {what} "),
+                f.path,
+                problem!(
+                    ["sink", c.kind, c.index, f.field],
+                    "cannot read {} ",
+                    f.what
+                ),
             );
         }
     }
@@ -1019,6 +1004,21 @@ name = "out"
                 "backoff needs",
             ),
             (http, "max_in_flight = 0", "max_in_flight must be 1..=64"),
+            (
+                http,
+                "auth = { header = \"Content-Type\", value_file = \"/dev/null\" }",
+                "is set by ferry or by the connection",
+            ),
+            (
+                http,
+                "auth = { header = \"x-key\", value_file = \"/nonexistent/key\" }",
+                "cannot read value_file /nonexistent/key",
+            ),
+            (
+                http,
+                "max_message = 10",
+                "max_message must be between 64B and 64MiB",
+            ),
             (
                 "[[source.simulator]]\nname = \"x\"\n",
                 "interval = \"1000d\"",

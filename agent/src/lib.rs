@@ -16,8 +16,9 @@
 //! - [`rules`]: loads rule files into a `ferry_rules::RuleSet` and reloads them on
 //!   change or SIGHUP (evaluation is pure); [`replay`] is `ferry rules test`.
 //! - [`store`]: the durable, bounded, ordered buffer behind the [`store::Store`] trait.
-//! - [`forward`]: CloudEvents encoding and the sinks (`http`, `console`) with their
-//!   retry loop.
+//! - [`sinks`]: the `Sink` trait and the registry of kinds (`http`, `console`), each
+//!   with its config, build and CloudEvents binding; the transport-neutral event;
+//!   the forwarding loop with its retries.
 //! - [`pipeline`]: wires the stages together with bounded channels and owns shutdown.
 //! - [`backoff`], [`ratelimit`], [`telemetry`]: small shared pieces.
 //!
@@ -26,7 +27,6 @@
 pub mod backoff;
 pub mod config;
 pub mod decode;
-pub mod forward;
 pub mod ingest;
 pub mod modbus;
 pub mod pipeline;
@@ -34,6 +34,7 @@ pub mod ratelimit;
 pub mod replay;
 pub mod rules;
 pub mod serial;
+pub mod sinks;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -33,12 +33,12 @@ use tracing::{error, info, warn};
 use crate::backoff::Backoff;
 use crate::config::{BackoffConfig, Loaded};
 use crate::decode::{self, Clock, DecodeConfig, DecodeError, DeviceTemplate, Reading};
-use crate::forward::{self, console::ConsoleSink, http::HttpSink, Sink};
 use crate::ingest::serial::{SerialSource, WriteQueue};
 use crate::ingest::{
     modbus::ModbusSource, mqtt::MqttSource, simulator, Admitted, Inlet, Origin, Payload,
 };
 use crate::ratelimit::RateLimit;
+use crate::sinks;
 use crate::store::{sled::SledStore, Record, SavedState, StateWrite, Store, StoreError};
 
 /// Inputs waiting for the commit task. Bounded: a full channel stops the sources.
@@ -81,7 +81,7 @@ pub enum StartError {
         message: String,
     },
     #[error(transparent)]
-    HttpSink(#[from] forward::http::HttpSinkError),
+    Sink(#[from] sinks::BuildError),
     #[error(transparent)]
     Metrics(#[from] crate::telemetry::MetricsError),
 }
@@ -143,12 +143,8 @@ pub async fn run(
     }
 
     let mut sinks = Vec::new();
-    for s in &cfg.sink.http {
-        let bearer = s.auth.as_ref().map(|a| loaded.resolve(&a.bearer_file));
-        sinks.push(Sink::Http(HttpSink::new(s, bearer, |p| loaded.resolve(p))?));
-    }
-    for s in &cfg.sink.console {
-        sinks.push(Sink::Console(ConsoleSink::new(s)));
+    for c in cfg.sink.iter() {
+        sinks.push(c.config.build(&|p| loaded.resolve(p))?);
     }
 
     let (tx, rx) = Inlet::channel(CHANNEL, INPUT_BYTES);
@@ -283,7 +279,7 @@ pub async fn run(
     let sink_tasks = TaskTracker::new();
     for sink in sinks {
         let (store, head, stop) = (Arc::clone(&store), head_rx.clone(), stop_sinks.clone());
-        sink_tasks.spawn(forward::run(sink, store, head, stop));
+        sink_tasks.spawn(sinks::run(sink, store, head, stop));
     }
     sink_tasks.close();
     info!(agent = %agent_id, "ferry running");
@@ -481,7 +477,7 @@ impl Committer {
         }
         let state = self.state_write();
         let store = Arc::clone(&self.store);
-        let saved = forward::blocking(&store, move |s| s.append(&[], &state)).await;
+        let saved = sinks::blocking(&store, move |s| s.append(&[], &state)).await;
         if let Err(error) = saved {
             warn!(%error, "could not save rule state at shutdown");
         }
@@ -755,7 +751,7 @@ impl Committer {
         let mut reported = false;
         loop {
             let (batch, batch_state) = (Arc::clone(&records), Arc::clone(&state));
-            match forward::blocking(&self.store, move |s| s.append(&batch, &batch_state)).await {
+            match sinks::blocking(&self.store, move |s| s.append(&batch, &batch_state)).await {
                 Ok(appended) => {
                     metrics::counter!("ferry_store_committed_total")
                         .increment(records.len() as u64);

@@ -11,7 +11,7 @@ use ferry_rules::{Action, Alert, EvalError, RuleSet};
 use serde_json::{Map, Value};
 
 use crate::decode::take_time;
-use crate::forward::cloudevent;
+use crate::sinks::Event;
 use crate::store::{Record, Stored};
 
 /// Something the replay produced, in order.
@@ -159,7 +159,7 @@ pub fn as_cloudevent(a: &Alert, seq: u64) -> Option<String> {
         record: Record::alert(a.clone(), format!("/ferry/test/{source}")),
         bytes: 0,
     };
-    cloudevent::to_event("test", &stored)
+    Event::from_stored("test", &stored)
         .ok()
-        .map(|e| String::from_utf8_lossy(&cloudevent::structured(&e)).into_owned())
+        .map(|e| String::from_utf8_lossy(&e.structured()).into_owned())
 }

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use chrono::{TimeZone, Utc};
 use ferry_agent::decode::{decode_json, DecodeConfig, DeviceTemplate};
-use ferry_agent::forward::cloudevent;
+use ferry_agent::sinks::http::binding;
+use ferry_agent::sinks::Event;
 use ferry_agent::store::{Record, Stored};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
@@ -48,18 +49,18 @@ fuzz_target!(|data: &[u8]| {
             .unwrap_or_else(|e| panic!("an accepted reading does not read back: {e}"));
         assert_eq!(back, r);
         let stored = Stored { seq, record: back, bytes: bytes.len() };
-        let event = cloudevent::to_event("epoch", &stored).expect("a stored record is an event");
+        let event = Event::from_stored("epoch", &stored).expect("a stored record is an event");
         // Structured mode: the whole event as JSON.
-        let structured: Value = serde_json::from_slice(&cloudevent::structured(&event))
+        let structured: Value = serde_json::from_slice(&binding::structured(&event))
             .unwrap_or_else(|e| panic!("structured encoding does not parse: {e}"));
         assert_eq!(structured["data"], r.data);
         // Binary mode: the body is the data.
-        let (_, body) = cloudevent::binary(&event);
+        let (_, body) = binding::binary(&event);
         let body: Value = serde_json::from_slice(&body).expect("binary body parses");
         assert_eq!(body, r.data);
         events.push(event);
     }
-    let batch: Value = serde_json::from_slice(&cloudevent::batch(&events))
+    let batch: Value = serde_json::from_slice(&binding::batch(&events))
         .unwrap_or_else(|e| panic!("batch encoding does not parse: {e}"));
     assert_eq!(batch.as_array().map(Vec::len), Some(2));
 });

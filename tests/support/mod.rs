@@ -569,7 +569,10 @@ pub struct Request {
     pub url: String,
     /// Header names lower-cased, in arrival order.
     pub headers: Vec<(String, String)>,
+    /// The body as the upstream reads it: decoded if it came gzipped
+    /// (`Content-Encoding: gzip`); `wire_len` is what came over the wire.
     pub body: Vec<u8>,
+    pub wire_len: usize,
     /// The status the receiver answered.
     pub status: u16,
 }
@@ -695,7 +698,7 @@ impl Receiver {
                     };
                     let mut body = Vec::new();
                     let _ = req.as_reader().read_to_end(&mut body);
-                    let headers = req
+                    let headers: Vec<(String, String)> = req
                         .headers()
                         .iter()
                         .map(|h| {
@@ -705,6 +708,17 @@ impl Receiver {
                             )
                         })
                         .collect();
+                    let wire_len = body.len();
+                    let gzipped = headers
+                        .iter()
+                        .any(|(k, v)| k == "content-encoding" && v.eq_ignore_ascii_case("gzip"));
+                    if gzipped {
+                        let mut plain = Vec::new();
+                        flate2::read::GzDecoder::new(&body[..])
+                            .read_to_end(&mut plain)
+                            .unwrap_or_else(|e| panic!("a gzip body that does not decode: {e}"));
+                        body = plain;
+                    }
                     let status = {
                         let mut st = state.lock().unwrap();
                         let refused = st.refuse.as_ref().and_then(|(needle, status)| {
@@ -717,6 +731,7 @@ impl Receiver {
                             url: req.url().to_string(),
                             headers,
                             body,
+                            wire_len,
                             status,
                         });
                         status

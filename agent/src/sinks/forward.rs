@@ -1,8 +1,9 @@
-//! Forward: one task per sink moves records from the store upstream.
+//! The forwarding loop: one task per sink moves records from the store upstream.
 //!
 //! Each sink reads from its own cursor, sends CloudEvents, and advances the cursor
-//! only past what the upstream accepted (2xx) or permanently refused (counted as
-//! dropped with reason `rejected`). Anything else — refused connections, timeouts,
+//! only past what the upstream accepted (2xx, PUBACK, ...) or permanently refused
+//! (counted as dropped with reason `rejected`), and past events it will never send
+//! (over the sink's `max_message`: `too_large`; not a valid CloudEvent: `invalid`). Anything else — refused connections, timeouts,
 //! 5xx, 429 — is retried with jittered backoff, with the same ids, for as long as it
 //! takes: the store is what absorbs the outage.
 //!
@@ -10,140 +11,32 @@
 //! may land before an earlier one that is being retried; with one (the default),
 //! the upstream sees events in store order.
 
-pub mod cloudevent;
-pub mod console;
-pub mod http;
-
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use cloudevents::Event;
 use futures_util::future::join_all;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::{Delivery, Event, Sink};
 use crate::backoff::Backoff;
 use crate::ratelimit::RateLimit;
 use crate::store::{Store, StoreError};
 
-/// What the upstream said about one request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Delivery {
-    /// Accepted: the events may leave the store.
-    Accepted,
-    /// Worth trying again later: `kind` is the metrics label; `after` is the
-    /// upstream's own `Retry-After`, if it sent one.
-    Retry {
-        kind: &'static str,
-        detail: String,
-        after: Option<Duration>,
-    },
-    /// Permanently refused: retrying the same events cannot help.
-    Rejected { detail: String },
-}
-
-/// How an HTTP status is treated.
-///
-/// Only statuses that say "this request's content is wrong" refuse events for good;
-/// everything that says "the endpoint, the credentials or the server are wrong right
-/// now" (401, 403, 404, 3xx, 5xx, ...) is retried, because dropping a whole backlog
-/// over an expired token or a typo in the URL would lose data an operator can still
-/// save by fixing the config.
-pub fn classify_status(status: u16) -> Delivery {
-    match status {
-        200..=299 => Delivery::Accepted,
-        400 | 413 | 415 | 422 => Delivery::Rejected {
-            detail: format!("HTTP {status}"),
-        },
-        401 | 403 | 407 => retry(
-            "auth",
-            format!("HTTP {status}: check the sink's credentials"),
-        ),
-        404 | 405 | 410 | 300..=399 => {
-            retry("endpoint", format!("HTTP {status}: check the sink's url"))
-        }
-        500..=599 => retry("server_error", format!("HTTP {status}")),
-        _ => retry("retryable_status", format!("HTTP {status}")),
-    }
-}
-
-fn retry(kind: &'static str, detail: String) -> Delivery {
-    Delivery::Retry {
-        kind,
-        detail,
-        after: None,
-    }
-}
-
-/// A configured upstream.
-pub enum Sink {
-    Http(http::HttpSink),
-    Console(console::ConsoleSink),
-}
-
-impl Sink {
-    pub fn name(&self) -> &str {
-        match self {
-            Sink::Http(s) => &s.name,
-            Sink::Console(s) => &s.name,
-        }
-    }
-
-    async fn send(&self, events: &[Event]) -> Delivery {
-        match self {
-            Sink::Http(s) => s.send(events).await,
-            Sink::Console(s) => s.send(events),
-        }
-    }
-
-    /// Events per request.
-    fn per_request(&self) -> usize {
-        match self {
-            Sink::Http(s) => s.per_request(),
-            Sink::Console(_) => 256,
-        }
-    }
-
-    /// Stored bytes per request (at least one event goes, whatever its size).
-    fn bytes_per_request(&self) -> usize {
-        match self {
-            Sink::Http(s) => s.batch_max_bytes,
-            Sink::Console(_) => 1024 * 1024,
-        }
-    }
-
-    fn max_in_flight(&self) -> usize {
-        match self {
-            Sink::Http(s) => s.max_in_flight,
-            Sink::Console(_) => 1,
-        }
-    }
-
-    fn backoff(&self) -> Backoff {
-        match self {
-            Sink::Http(s) => Backoff::new(s.retry),
-            Sink::Console(_) => Backoff::new(crate::config::BackoffConfig::new(
-                std::time::Duration::from_millis(100),
-                std::time::Duration::from_secs(5),
-            )),
-        }
-    }
-}
-
 /// Runs one sink until cancelled. A store error (a failing disk) does not end it:
 /// the sink logs, waits, and starts again from its durable cursor.
 pub async fn run(
-    sink: Sink,
+    sink: Box<dyn Sink>,
     store: Arc<dyn Store>,
     head: watch::Receiver<u64>,
     cancel: CancellationToken,
 ) {
     loop {
-        match run_sink(&sink, &store, head.clone(), &cancel).await {
+        match run_sink(sink.as_ref(), &store, head.clone(), &cancel).await {
             Ok(()) => return,
             Err(error) => {
-                error!(sink = %sink.name(), %error, "store error; restarting the sink in 5s");
+                error!(sink = %sink.name(), kind = sink.kind(), %error, "store error; restarting the sink in 5s");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -154,13 +47,13 @@ pub async fn run(
 }
 
 async fn run_sink(
-    sink: &Sink,
+    sink: &dyn Sink,
     store: &Arc<dyn Store>,
     mut head: watch::Receiver<u64>,
     cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
     let name = sink.name().to_string();
-    let mut backoff = sink.backoff();
+    let mut backoff = Backoff::new(sink.retry());
     let per_request = sink.per_request().max(1);
     let in_flight = sink.max_in_flight().max(1);
     let window = per_request * in_flight;
@@ -176,7 +69,10 @@ async fn run_sink(
         move |s| s.cursor(&name)
     })
     .await?;
-    info!(sink = %name, cursor, "sink started");
+    let max_message = sink.max_message();
+    // An oversize producer would otherwise fill the journal, one line per event.
+    let mut too_large_log = RateLimit::new(10, Duration::from_secs(60));
+    info!(sink = %name, kind = sink.kind(), cursor, ?max_message, "sink started");
 
     loop {
         let read = blocking(store, move |s| s.read(cursor, window, window_bytes)).await?;
@@ -208,58 +104,70 @@ async fn run_sink(
         }
 
         let epoch = store.epoch().to_string();
-        let mut events: Vec<(u64, Event)> = Vec::with_capacity(batch.len());
+        // Three parallel lists, so a request is a plain slice of events.
+        let mut seqs: Vec<u64> = Vec::with_capacity(batch.len());
+        let mut events: Vec<Event> = Vec::with_capacity(batch.len());
         let mut sizes: Vec<usize> = Vec::with_capacity(batch.len());
         for stored in batch.iter().filter(|s| s.record.is_for(&name)) {
-            match cloudevent::to_event(&epoch, stored) {
-                Ok(e) => {
-                    events.push((stored.seq, e));
-                    sizes.push(stored.bytes);
-                }
+            let event = match Event::from_stored(&epoch, stored) {
+                Ok(e) => e,
                 Err(error) => {
                     warn!(sink = %name, %error, "dropping a record that is not a valid CloudEvent");
                     metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "invalid").increment(1);
+                    continue;
+                }
+            };
+            if let Some(max) = max_message {
+                let len = sink.message_len(&event);
+                if len > max {
+                    // Refused here, for good: sending it would only earn a refusal
+                    // (or, on MQTT, a disconnect) and hold up the events behind it.
+                    if let Some(suppressed) = too_large_log.check(Instant::now()) {
+                        warn!(sink = %name, seq = stored.seq, bytes = len, max_message = max, suppressed, "dropping an event larger than the sink's max_message");
+                    }
+                    metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "too_large").increment(1);
+                    continue;
                 }
             }
+            seqs.push(stored.seq);
+            events.push(event);
+            sizes.push(stored.bytes);
         }
 
         // Send the window, then resend from the first failed request until all of it
         // is accepted or refused. A refused batch is resent one event at a time, so
         // one bad event costs only itself.
         drop(batch);
-        let mut pending: &[(u64, Event)] = &events;
-        let mut pending_sizes: &[usize] = &sizes;
+        let mut done = 0;
         let mut chunk_size = per_request;
-        while !pending.is_empty() {
-            let mut chunks: Vec<&[(u64, Event)]> = Vec::with_capacity(in_flight);
-            let mut rest = pending;
-            for len in requests(pending_sizes, chunk_size, bytes_per_request, in_flight) {
-                let (chunk, after) = rest.split_at(len);
-                chunks.push(chunk);
-                rest = after;
+        while done < events.len() {
+            let mut chunks: Vec<(usize, &[Event])> = Vec::with_capacity(in_flight);
+            let mut from = done;
+            for len in requests(&sizes[done..], chunk_size, bytes_per_request, in_flight) {
+                chunks.push((from, &events[from..from + len]));
+                from += len;
             }
-            let sends = chunks.iter().map(|c| {
-                let evs: Vec<Event> = c.iter().map(|(_, e)| e.clone()).collect();
-                async move { sink.send(&evs).await }
-            });
+            let sends = chunks.iter().map(|(_, c)| sink.send(c));
             let results = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 r = join_all(sends) => r,
             };
-            let round = settle(&chunks.iter().map(|c| c.len()).collect::<Vec<_>>(), results);
+            let round = settle(
+                &chunks.iter().map(|(_, c)| c.len()).collect::<Vec<_>>(),
+                results,
+            );
             if round.accepted > 0 {
                 metrics::counter!("ferry_sink_sent_total", "sink" => name.clone())
                     .increment(round.accepted as u64);
             }
             for (i, detail) in &round.refused {
-                let chunk = chunks[*i];
-                if let Some(suppressed) = refusal_log.check(std::time::Instant::now()) {
-                    warn!(sink = %name, events = chunk.len(), first_seq = chunk[0].0, %detail, suppressed, "upstream refused events permanently; dropping them");
+                let (first, chunk) = chunks[*i];
+                if let Some(suppressed) = refusal_log.check(Instant::now()) {
+                    warn!(sink = %name, events = chunk.len(), first_seq = seqs[first], %detail, suppressed, "upstream refused events permanently; dropping them");
                 }
                 metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "rejected").increment(chunk.len() as u64);
             }
-            pending = &pending[round.handled..];
-            pending_sizes = &pending_sizes[round.handled..];
+            done += round.handled;
             match round.next {
                 Next::Continue => {}
                 Next::SplitBatch { events, detail } => {
@@ -274,9 +182,9 @@ async fn run_sink(
                 } => {
                     metrics::counter!("ferry_sink_errors_total", "sink" => name.clone(), "kind" => kind).increment(1);
                     // Keep what went through, so a restart does not resend it.
-                    if let Some((seq, _)) = pending.first() {
-                        if *seq > cursor {
-                            cursor = *seq;
+                    if let Some(&seq) = seqs.get(done) {
+                        if seq > cursor {
+                            cursor = seq;
                             advance(store, &name, cursor).await?;
                         }
                     }
@@ -491,41 +399,11 @@ mod tests {
     }
 
     #[test]
-    fn success_statuses_are_accepted() {
-        assert_eq!(classify_status(200), Delivery::Accepted);
-        assert_eq!(classify_status(202), Delivery::Accepted);
-    }
-
-    #[test]
-    fn overload_and_server_errors_are_retried() {
-        for s in [408, 429, 500, 502, 503, 504, 307] {
-            assert!(matches!(classify_status(s), Delivery::Retry { .. }), "{s}");
-        }
-    }
-
-    #[test]
     fn retry_after_lengthens_the_wait_but_never_past_five_minutes() {
         let s = Duration::from_secs;
         assert_eq!(retry_delay(s(1), None), s(1));
         assert_eq!(retry_delay(s(1), Some(s(30))), s(30));
         assert_eq!(retry_delay(s(60), Some(s(30))), s(60));
         assert_eq!(retry_delay(s(1), Some(s(86_400))), s(300));
-    }
-
-    #[test]
-    fn auth_and_endpoint_errors_are_retried_so_a_config_fix_saves_the_backlog() {
-        for s in [401, 403, 404, 405, 407] {
-            assert!(matches!(classify_status(s), Delivery::Retry { .. }), "{s}");
-        }
-    }
-
-    #[test]
-    fn errors_about_the_content_refuse_the_events_for_good() {
-        for s in [400, 413, 415, 422] {
-            assert!(
-                matches!(classify_status(s), Delivery::Rejected { .. }),
-                "{s}"
-            );
-        }
     }
 }
