@@ -18,6 +18,7 @@
 //! - [`store`]: the durable, bounded, ordered buffer behind the [`store::Store`] trait.
 //! - [`forward`]: CloudEvents encoding and the sinks (`http`, `console`) with their
 //!   retry loop.
+//! - [`sinks`]: sink kinds as components (`nats`: NATS JetStream).
 //! - [`pipeline`]: wires the stages together with bounded channels and owns shutdown.
 //! - [`backoff`], [`ratelimit`], [`telemetry`]: small shared pieces.
 //!
@@ -34,6 +35,7 @@ pub mod ratelimit;
 pub mod replay;
 pub mod rules;
 pub mod serial;
+pub mod sinks;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -1,0 +1,3 @@
+//! Sinks as components: one folder per kind.
+
+pub mod nats;
