@@ -436,3 +436,18 @@ async fn a_tls_server_with_a_private_ca_and_client_certificates_is_published_to(
     assert!(matches!(refused, Err(Failure::Retry { .. })), "{refused:?}");
     assert_eq!(stored(&mut stream).await, 3);
 }
+
+#[test]
+fn the_shipped_example_is_a_valid_nats_sink_table() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/nats-jetstream.toml");
+    let file: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let sinks = file["sink"]["nats"]
+        .as_array()
+        .expect("[[sink.nats]] tables");
+    assert_eq!(sinks.len(), 1);
+    for (i, table) in sinks.iter().enumerate() {
+        let cfg: NatsSinkConfig = table.clone().try_into().unwrap();
+        let problems: Vec<String> = cfg.validate(i).into_iter().map(|p| p.message).collect();
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+}
