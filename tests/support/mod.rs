@@ -9,6 +9,7 @@
 //!   in a temp dir, stopped with a real SIGTERM or killed with SIGKILL.
 //! - [`Metrics`]: a scrape of the agent's Prometheus endpoint.
 //! - [`Cable`]: a serial cable (a socat pty pair) that can be unplugged and replugged.
+//! - [`NatsServer`]: a real `nats-server` with JetStream on a free loopback port.
 //!
 //! Every wait is a poll loop with a generous deadline that fails the test with a
 //! message saying what was awaited and what was seen. Every helper kills its child
@@ -20,6 +21,9 @@ mod cable;
 // Only the serial-port tests use it; the others compile this module too.
 #[allow(unused_imports)]
 pub use cable::{Cable, Heard};
+mod nats;
+#[allow(unused_imports)]
+pub use nats::NatsServer;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -16,6 +16,7 @@ pub mod console;
 pub mod event;
 pub mod forward;
 pub mod http;
+pub mod nats;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
