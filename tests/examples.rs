@@ -38,10 +38,6 @@ fn configs_under(dir: &Path, out: &mut Vec<PathBuf>) {
                 continue;
             }
             configs_under(&p, out);
-        } else if p.file_name().is_some_and(|n| n == "nats-jetstream.toml") {
-            // `[[sink.nats]]` is not a registered sink kind yet: tests/nats_sink.rs
-            // checks this example against the sink's own config until it is.
-            continue;
         } else if p.extension().is_some_and(|e| e == "toml") {
             out.push(p);
         }

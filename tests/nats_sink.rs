@@ -451,3 +451,68 @@ fn the_shipped_example_is_a_valid_nats_sink_table() {
         assert!(problems.is_empty(), "{problems:?}");
     }
 }
+
+/// The agent itself, MQTT in and JetStream out, killed with SIGKILL mid-stream and
+/// restarted on the same store: every reading reaches the stream, and a resend
+/// after the restart carries its first `Nats-Msg-Id`, so the stream holds each
+/// event once.
+#[test]
+fn readings_from_mosquitto_reach_a_jetstream_stream_once_each_across_an_agent_kill() {
+    use support::{Agent, Mosquitto, TestConfig};
+    const READINGS: u64 = 200;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = NatsServer::start();
+    let mut stream = rt.block_on(async { create_stream(&jetstream(&server.url()).await).await });
+    let broker = Mosquitto::start();
+    let mut config = TestConfig::new("gw-nats", &broker);
+    config.extra = format!(
+        "\n[[sink.nats]]\nname = \"js\"\nurl = \"{}\"\nsubject = \"ferry.{{agent}}.{{subject}}\"\nretry = {{ min = \"50ms\", max = \"500ms\" }}\n",
+        server.url()
+    );
+    let mut agent = Agent::start(&config.toml(), &[]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+
+    let lines: Vec<String> = (0..READINGS)
+        .map(|seq| json!({ "seq": seq }).to_string())
+        .collect();
+    let (first, rest) = lines.split_at(60);
+    broker.publish_lines("sensors/dev/telemetry", first, 1);
+    agent.wait_for_metric("ferry_store_committed_total", &[], 20.0);
+    agent.kill();
+    broker.publish_lines("sensors/dev/telemetry", rest, 1);
+    agent.start_again();
+
+    let messages = support::eventually("every reading in the stream", || {
+        let n = rt.block_on(stored(&mut stream));
+        let all: Vec<(String, u64)> = (1..=n)
+            .map(|seq| {
+                let m = rt.block_on(stream.get_raw_message(seq)).unwrap();
+                let id = m
+                    .headers
+                    .get("ce-id")
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_default();
+                let data: Value = serde_json::from_slice(&m.payload).unwrap();
+                (id, data["seq"].as_u64().unwrap())
+            })
+            .collect();
+        let seen: std::collections::HashSet<u64> = all.iter().map(|(_, s)| *s).collect();
+        if seen.len() as u64 == READINGS {
+            Ok(all)
+        } else {
+            Err(format!(
+                "{} of {READINGS} readings in {n} messages",
+                seen.len()
+            ))
+        }
+    });
+    // JetStream stored each event (each id) once, whatever ferry resent.
+    let ids: std::collections::HashSet<&str> = messages.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), messages.len(), "an id stored twice");
+    // And no id stands for two different readings.
+    let mut by_id = std::collections::HashMap::new();
+    for (id, seq) in &messages {
+        assert_eq!(*by_id.entry(id.clone()).or_insert(*seq), *seq, "id {id}");
+    }
+    assert!(agent.stop().success());
+}

@@ -144,7 +144,12 @@ pub async fn run(
 
     let mut sinks = Vec::new();
     for c in cfg.sink.iter() {
-        sinks.push(c.config.build(&|p| loaded.resolve(p))?);
+        let resolve = |p: &std::path::Path| loaded.resolve(p);
+        let ctx = crate::sinks::BuildContext {
+            agent: &agent_id,
+            resolve: &resolve,
+        };
+        sinks.push(c.config.build(&ctx)?);
     }
 
     let (tx, rx) = Inlet::channel(CHANNEL, INPUT_BYTES);

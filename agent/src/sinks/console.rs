@@ -3,12 +3,11 @@
 //! two never mix.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{BuildError, Delivery, Event, Sink, SinkConfig};
+use super::{BuildContext, BuildError, Delivery, Event, Sink, SinkConfig};
 use crate::config::{BackoffConfig, Problem};
 
 /// `[[sink.console]]`
@@ -29,7 +28,7 @@ impl SinkConfig for ConsoleSinkConfig {
         Vec::new()
     }
 
-    fn build(&self, _resolve: &dyn Fn(&Path) -> PathBuf) -> Result<Box<dyn Sink>, BuildError> {
+    fn build(&self, _ctx: &BuildContext<'_>) -> Result<Box<dyn Sink>, BuildError> {
         Ok(Box::new(ConsoleSink {
             name: self.name.clone(),
         }))

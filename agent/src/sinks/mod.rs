@@ -124,9 +124,17 @@ pub trait SinkConfig: std::fmt::Debug + Send + Sync {
         Vec::new()
     }
 
-    /// Builds the running sink. `resolve` turns a path from the config into one
-    /// relative to the config file.
-    fn build(&self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<Box<dyn Sink>, BuildError>;
+    /// Builds the running sink.
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Box<dyn Sink>, BuildError>;
+}
+
+/// What building a sink may need from outside its table.
+pub struct BuildContext<'a> {
+    /// `[agent] id`: default client ids and the `{agent}` placeholder of topics
+    /// and subjects.
+    pub agent: &'a str,
+    /// Turns a path from the config into one relative to the config file.
+    pub resolve: &'a dyn Fn(&Path) -> PathBuf,
 }
 
 /// A file a sink's config names.
@@ -188,6 +196,7 @@ macro_rules! sink_kinds {
 
 sink_kinds! {
     http: http::HttpSinkConfig,
+    nats: nats::NatsSinkConfig,
     console: console::ConsoleSinkConfig,
 }
 
@@ -204,7 +213,7 @@ mod tests {
 
     #[test]
     fn every_kind_is_listed_once_in_the_order_of_its_registration_line() {
-        assert_eq!(SinksConfig::KINDS, ["http", "console"]);
+        assert_eq!(SinksConfig::KINDS, ["http", "nats", "console"]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::io::Write;
 use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
 use serde::Deserialize;
 
-use super::{BuildError, ConfigFile, Delivery, Event, Sink, SinkConfig};
+use super::{BuildContext, BuildError, ConfigFile, Delivery, Event, Sink, SinkConfig};
 use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::tls::TlsConfig;
 
@@ -200,7 +200,8 @@ impl SinkConfig for HttpSinkConfig {
         out
     }
 
-    fn build(&self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<Box<dyn Sink>, BuildError> {
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Box<dyn Sink>, BuildError> {
+        let resolve = ctx.resolve;
         let sink = HttpSink::new(self, resolve).map_err(|e| BuildError(Box::new(e)))?;
         Ok(Box::new(sink))
     }

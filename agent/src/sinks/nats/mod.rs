@@ -17,6 +17,7 @@
 pub mod binding;
 pub mod config;
 pub mod publisher;
+mod sink;
 pub mod subject;
 
 pub use binding::{Binding, CloudEvent, Message, Mode};
