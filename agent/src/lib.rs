@@ -18,6 +18,8 @@
 //! - [`store`]: the durable, bounded, ordered buffer behind the [`store::Store`] trait.
 //! - [`forward`]: CloudEvents encoding and the sinks (`http`, `console`) with their
 //!   retry loop.
+//! - [`sinks`]: sinks as components; [`sinks::mqtt`] publishes to an upstream MQTT
+//!   broker (AWS IoT Core, Azure IoT Hub, any MQTT 3.1.1 or 5 broker).
 //! - [`pipeline`]: wires the stages together with bounded channels and owns shutdown.
 //! - [`backoff`], [`ratelimit`], [`telemetry`]: small shared pieces.
 //!
@@ -34,6 +36,7 @@ pub mod ratelimit;
 pub mod replay;
 pub mod rules;
 pub mod serial;
+pub mod sinks;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
