@@ -288,10 +288,10 @@ impl MqttSinkConfig {
                 _ => {}
             }
             let ttl = self.token_ttl.0;
-            if !(Duration::from_secs(60)..=Duration::from_secs(365 * 24 * 3600)).contains(&ttl) {
+            if !(Duration::from_secs(60)..=crate::config::LONGEST).contains(&ttl) {
                 out.push(problem!(
                     ["sink", "mqtt", i, "token_ttl"],
-                    "sink {n:?}: token_ttl must be between 1m and 365d"
+                    "sink {n:?}: token_ttl must be between 1m and 24h"
                 ));
             }
         }
@@ -470,6 +470,30 @@ mod tests {
              keep_alive = '1500ms'\nclient_id = ''",
         );
         assert_eq!(msgs.len(), 9, "{msgs:#?}");
+    }
+
+    #[test]
+    fn the_shipped_aws_and_azure_examples_are_valid_sink_tables() {
+        #[derive(serde::Deserialize)]
+        struct Example {
+            sink: Sinks,
+        }
+        #[derive(serde::Deserialize)]
+        struct Sinks {
+            mqtt: Vec<MqttSinkConfig>,
+        }
+        for file in ["aws-iot-core.toml", "azure-iot-hub.toml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/examples")
+                .join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let example: Example = toml::from_str(&text).unwrap();
+            assert_eq!(example.sink.mqtt.len(), 1, "{file}");
+            let sink = &example.sink.mqtt[0];
+            let msgs: Vec<String> = sink.validate(0).into_iter().map(|p| p.message).collect();
+            assert!(msgs.is_empty(), "{file}: {msgs:?}");
+            assert!(sink.broker().unwrap().tls, "{file}");
+        }
     }
 
     #[test]
