@@ -15,8 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ferry_agent::config::BackoffConfig;
+use ferry_agent::sinks::mqtt::config::Broker;
 use ferry_agent::sinks::mqtt::{
-    Binder, CloudEventView, Message, MqttSinkConfig, PublishError, Publisher, Settings,
+    Binder, CloudEventView, Credentials, Message, MqttSinkConfig, Properties, Protocol,
+    PublishError, Publisher, Settings,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rumqttc::v5;
@@ -307,6 +310,37 @@ async fn a_message_over_max_message_is_refused_for_good_and_the_next_ones_arrive
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_mqtt5_brokers_own_packet_limit_is_refused_before_it_is_sent() {
+    // max_message is left at 256KiB; the broker announces 2000 bytes in its CONNACK.
+    let broker = Mosquitto::start_with("max_packet_size 2000");
+    let upstream = Upstream::subscribe(&broker).await;
+    let cfg = config(&format!("name = 'up'\nurl = '{}'", broker.url()));
+    let (publisher, binder, cancel) = start(&cfg);
+    publisher.publish(messages(&binder, 1..2)).await.unwrap();
+    let big = Reading {
+        seq: 2,
+        device: "dev-2".into(),
+        data: serde_json::json!({ "blob": "x".repeat(4000) }),
+    };
+    let err = publisher
+        .publish(vec![binder.message(&big).unwrap()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PublishError::TooLarge { max: 2000, .. }),
+        "{err}"
+    );
+    publisher.publish(messages(&binder, 3..5)).await.unwrap();
+    let got = upstream.wait_for(3).await;
+    let seqs: Vec<&str> = got
+        .iter()
+        .map(|p| user_property(p, "sequence").unwrap())
+        .collect();
+    assert_eq!(seqs, ["1", "3", "4"]);
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_published_while_the_broker_is_down_arrives_in_order_once_it_is_back() {
     let mut broker = Mosquitto::start();
     let cfg = config(&format!(
@@ -349,45 +383,67 @@ struct FakeBroker {
     port: u16,
     /// (connection number from 0, packet id, topic) of every PUBLISH received.
     publishes: Arc<Mutex<Vec<(usize, u16, String)>>>,
+    /// (username, password) of every CONNECT from our client.
+    logins: Arc<Mutex<Vec<(String, String)>>>,
     /// PUBACKs the broker may send in all (in the order the publishes came).
     allowed_acks: Arc<AtomicUsize>,
     acks_sent: Arc<AtomicUsize>,
 }
 
-impl FakeBroker {
-    /// `drop_first_after`: close the first connection once it has received this many
-    /// publishes (before acknowledging the last of them).
-    /// Only `client_id` is served: a stray client of another test that finds this
+/// How the fake broker behaves.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    /// Only this client is served: a stray client of another test that finds the
     /// port (a recycled one) is turned away.
-    fn start(client_id: &'static str, drop_first_after: Option<usize>) -> FakeBroker {
+    client_id: &'static str,
+    /// Close the first connection once it has received this many publishes
+    /// (before acknowledging the last of them).
+    drop_first_after: Option<usize>,
+    /// Wait this long before answering a CONNECT (a slow handshake).
+    connack_delay: Duration,
+}
+
+impl Behaviour {
+    fn new(client_id: &'static str) -> Behaviour {
+        Behaviour {
+            client_id,
+            drop_first_after: None,
+            connack_delay: Duration::ZERO,
+        }
+    }
+}
+
+impl FakeBroker {
+    fn start(behaviour: Behaviour) -> FakeBroker {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let publishes = Arc::new(Mutex::new(Vec::new()));
-        let allowed_acks = Arc::new(AtomicUsize::new(0));
-        let acks_sent = Arc::new(AtomicUsize::new(0));
-        let (p, allowed, sent) = (publishes.clone(), allowed_acks.clone(), acks_sent.clone());
+        let fake = FakeBroker {
+            port,
+            publishes: Arc::new(Mutex::new(Vec::new())),
+            logins: Arc::new(Mutex::new(Vec::new())),
+            allowed_acks: Arc::new(AtomicUsize::new(0)),
+            acks_sent: Arc::new(AtomicUsize::new(0)),
+        };
+        let shared = fake.clone_handles();
         std::thread::spawn(move || {
             let mut connections = 0;
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
-                if serve(
-                    stream,
-                    client_id,
-                    connections,
-                    drop_first_after,
-                    &p,
-                    &allowed,
-                    &sent,
-                ) {
+                if serve(stream, behaviour, connections, &shared) {
                     connections += 1;
                 }
             }
         });
+        fake
+    }
+
+    fn clone_handles(&self) -> FakeBroker {
         FakeBroker {
-            port,
-            publishes,
-            allowed_acks,
-            acks_sent,
+            port: self.port,
+            publishes: self.publishes.clone(),
+            logins: self.logins.clone(),
+            allowed_acks: self.allowed_acks.clone(),
+            acks_sent: self.acks_sent.clone(),
         }
     }
 
@@ -399,25 +455,26 @@ impl FakeBroker {
         self.publishes.lock().unwrap().clone()
     }
 
+    fn logins(&self) -> Vec<(String, String)> {
+        self.logins.lock().unwrap().clone()
+    }
+
     fn allow_acks(&self, n: usize) {
         self.allowed_acks.store(n, Ordering::SeqCst);
     }
 }
 
 /// Serves one connection; true if it was our client's.
-fn serve(
-    mut stream: TcpStream,
-    client_id: &str,
-    conn: usize,
-    drop_first_after: Option<usize>,
-    publishes: &Mutex<Vec<(usize, u16, String)>>,
-    allowed: &AtomicUsize,
-    sent: &AtomicUsize,
-) -> bool {
+fn serve(mut stream: TcpStream, behaviour: Behaviour, conn: usize, fake: &FakeBroker) -> bool {
     stream
         .set_read_timeout(Some(Duration::from_millis(10)))
         .unwrap();
-    let drop_after = if conn == 0 { drop_first_after } else { None };
+    let drop_after = if conn == 0 {
+        behaviour.drop_first_after
+    } else {
+        None
+    };
+    let (allowed, sent) = (&fake.allowed_acks, &fake.acks_sent);
     let mut ours = false;
     let mut buf = BytesMut::new();
     let mut held: Vec<u16> = Vec::new();
@@ -453,10 +510,17 @@ fn serve(
             let mut out = BytesMut::new();
             match packet {
                 rumqttc::Packet::Connect(c) => {
-                    if c.client_id != client_id {
+                    if c.client_id != behaviour.client_id {
                         return false;
                     }
                     ours = true;
+                    if let Some(login) = c.login {
+                        fake.logins
+                            .lock()
+                            .unwrap()
+                            .push((login.username, login.password));
+                    }
+                    std::thread::sleep(behaviour.connack_delay);
                     rumqttc::ConnAck::new(rumqttc::ConnectReturnCode::Success, false)
                         .write(&mut out)
                         .unwrap();
@@ -465,7 +529,7 @@ fn serve(
                     rumqttc::PingResp.write(&mut out).unwrap();
                 }
                 rumqttc::Packet::Publish(p) => {
-                    publishes
+                    fake.publishes
                         .lock()
                         .unwrap()
                         .push((conn, p.pkid, p.topic.clone()));
@@ -505,7 +569,7 @@ fn numbered(binder: &Binder, seqs: std::ops::Range<u64>) -> Vec<Message> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_returns_only_when_every_message_of_the_batch_has_its_puback() {
-    let fake = FakeBroker::start("fake-every-puback", None);
+    let fake = FakeBroker::start(Behaviour::new("fake-every-puback"));
     let cfg = config(&format!(
         "name = 'up'\nurl = '{}'\nprotocol = '3.1.1'\ntimeout = '60s'\nclient_id = 'fake-every-puback'",
         fake.url()
@@ -538,7 +602,10 @@ async fn publish_returns_only_when_every_message_of_the_batch_has_its_puback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_unacknowledged_when_the_broker_goes_away_mid_batch_are_sent_again_in_order() {
     // The first connection acknowledges seq/1 and drops after receiving seq/3.
-    let fake = FakeBroker::start("fake-mid-batch", Some(3));
+    let fake = FakeBroker::start(Behaviour {
+        drop_first_after: Some(3),
+        ..Behaviour::new("fake-mid-batch")
+    });
     fake.allow_acks(1);
     let cfg = config(&format!(
         "name = 'up'\nurl = '{}'\nprotocol = '3.1.1'\ntimeout = '60s'\nclient_id = 'fake-mid-batch'\n\
@@ -588,7 +655,7 @@ async fn messages_unacknowledged_when_the_broker_goes_away_mid_batch_are_sent_ag
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_without_pubacks_times_out_and_says_how_many_were_acknowledged() {
-    let fake = FakeBroker::start("fake-timeout", None);
+    let fake = FakeBroker::start(Behaviour::new("fake-timeout"));
     fake.allow_acks(2);
     let cfg = config(&format!(
         "name = 'up'\nurl = '{}'\nprotocol = '3.1.1'\ntimeout = '1s'\nclient_id = 'fake-timeout'",
@@ -611,6 +678,107 @@ async fn a_batch_without_pubacks_times_out_and_says_how_many_were_acknowledged()
         "{err}"
     );
     assert!(!err.is_permanent());
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_arriving_during_a_slow_handshake_do_not_keep_the_connection_from_coming_up() {
+    let fake = FakeBroker::start(Behaviour {
+        connack_delay: Duration::from_millis(300),
+        ..Behaviour::new("fake-slow-handshake")
+    });
+    fake.allow_acks(usize::MAX);
+    let cfg = config(&format!(
+        "name = 'up'\nurl = '{}'\nprotocol = '3.1.1'\ntimeout = '60s'\n\
+         client_id = 'fake-slow-handshake'\nusername = 'u'",
+        fake.url()
+    ));
+    let (publisher, binder, cancel) = start(&cfg);
+    until("the CONNECT at the broker", || fake.logins().len() == 1).await;
+    // Thirty callers while the broker has not answered the CONNECT yet.
+    let calls: Vec<_> = (1..31)
+        .map(|s| {
+            let publisher = publisher.clone();
+            let batch = numbered(&binder, s..s + 1);
+            tokio::spawn(async move { publisher.publish(batch).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().expect("acknowledged");
+    }
+    assert_eq!(fake.logins().len(), 1, "the handshake was started over");
+    assert!(fake.publishes().iter().all(|p| p.0 == 0));
+    assert_eq!(fake.publishes().len(), 30);
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_sas_token_is_renewed_by_a_reconnect_that_loses_and_repeats_nothing() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let fake = FakeBroker::start(Behaviour::new("azure-device"));
+    fake.allow_acks(usize::MAX);
+    let settings = Settings {
+        name: "azure".into(),
+        protocol: Protocol::V311,
+        broker: Broker {
+            host: "127.0.0.1".into(),
+            port: fake.port,
+            tls: false,
+        },
+        client_id: "azure-device".into(),
+        credentials: Credentials::AzureSas {
+            username: "h.azure-devices.net/azure-device/?api-version=2021-04-12".into(),
+            resource: "h.azure-devices.net/devices/azure-device".into(),
+            key: "+XLy+MVZ+aTeOnVzN2kLeB16O+kSxmz6g3rS6fAf6rw=".into(),
+            // Renewed after four fifths of it.
+            ttl: Duration::from_secs(2),
+        },
+        tls: None,
+        keep_alive: Duration::from_secs(30),
+        max_in_flight: 4,
+        max_message: 64 * 1024,
+        timeout: Duration::from_secs(30),
+        reconnect: BackoffConfig::new(Duration::from_millis(50), Duration::from_millis(200)),
+    };
+    let cancel = CancellationToken::new();
+    let (publisher, _task) = Publisher::start(settings, cancel.clone());
+    let message = |seq: u64| Message {
+        topic: format!("devices/azure-device/messages/events/seq={seq}"),
+        payload: b"{}".to_vec(),
+        properties: Properties::default(),
+    };
+    // Publish without pause, across the renewal, and a few more after it.
+    let mut seq = 0;
+    while fake.logins().len() < 2 {
+        seq += 1;
+        publisher
+            .publish(vec![message(seq), message(seq + 1)])
+            .await
+            .expect("acknowledged");
+        seq += 1;
+    }
+    for _ in 0..5 {
+        seq += 1;
+        publisher.publish(vec![message(seq)]).await.unwrap();
+    }
+    let topics: Vec<String> = fake.publishes().into_iter().map(|p| p.2).collect();
+    let expected: Vec<String> = (1..=seq).map(|s| message(s).topic).collect();
+    assert_eq!(topics, expected, "each message once, in order");
+    let logins = fake.logins();
+    assert_eq!(logins.len(), 2);
+    for (username, password) in &logins {
+        assert_eq!(
+            username,
+            "h.azure-devices.net/azure-device/?api-version=2021-04-12"
+        );
+        assert!(
+            password.starts_with(
+                "SharedAccessSignature sr=h.azure-devices.net%2Fdevices%2Fazure-device&sig="
+            ),
+            "{password}"
+        );
+    }
+    assert_ne!(logins[0].1, logins[1].1, "a fresh token");
     cancel.cancel();
 }
 

@@ -704,6 +704,25 @@ async fn run(s: Settings, mut rx: mpsc::UnboundedReceiver<Command>, cancel: Canc
                     outage_reported = false;
                     backoff.reset();
                     broker_max = max_packet.map(|m| m as usize);
+                    // A batch queued before the broker announced a smaller packet limit
+                    // would break every connection: refuse it now, before it is sent.
+                    if let Some(limit) = broker_max.filter(|b| *b < s.max_message) {
+                        let over: Vec<(BatchId, PublishError)> = waiting
+                            .iter()
+                            .filter_map(|(id, (messages, _))| {
+                                messages.iter().enumerate().find_map(|(index, m)| {
+                                    let len = message_len(m, s.protocol);
+                                    (len > limit).then_some((*id, PublishError::TooLarge { index, len, max: limit }))
+                                })
+                            })
+                            .collect();
+                        for (id, error) in over {
+                            tracker.withdraw(id);
+                            if let Some((_, reply)) = waiting.remove(&id) {
+                                let _ = reply.send(Err(error));
+                            }
+                        }
+                    }
                     tracker.connected(receive_max, s.max_in_flight);
                     if let Credentials::AzureSas { ttl, .. } = &s.credentials {
                         renew_at = Some(Instant::now() + *ttl * 4 / 5);
