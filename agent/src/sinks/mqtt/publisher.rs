@@ -738,8 +738,7 @@ async fn run(s: Settings, mut rx: mpsc::UnboundedReceiver<Command>, cancel: Canc
                     let ok = refusal.is_none();
                     match tracker.acked(pkid, ok) {
                         Acked::BatchDone(id) => {
-                            if let Some((messages, reply)) = waiting.remove(&id) {
-                                metrics::counter!("ferry_mqtt_sink_acked_total", "sink" => name.clone()).increment(messages.len() as u64);
+                            if let Some((_, reply)) = waiting.remove(&id) {
                                 let _ = reply.send(Ok(()));
                             }
                         }
