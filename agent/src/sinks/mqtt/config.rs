@@ -343,21 +343,23 @@ impl MqttSinkConfig {
         out
     }
 
-    /// Every file the sink reads at start, with what it is, for `ferry check`.
-    pub fn files(&self) -> Vec<(&'static str, &std::path::Path)> {
-        let mut out: Vec<(&'static str, &std::path::Path)> = Vec::new();
+    /// Every file the sink reads at start, for `ferry check`: the key a problem is
+    /// reported at (`password_file`, `azure_iot_hub`, `tls`), what the file is, and
+    /// its path as written.
+    pub fn files(&self) -> Vec<(&'static str, String, &std::path::Path)> {
+        let mut out: Vec<(&'static str, String, &std::path::Path)> = Vec::new();
         if let Some(p) = &self.password_file {
-            out.push(("password_file", p));
+            out.push(("password_file", "password_file".into(), p));
         }
         if let Some(p) = self
             .azure_iot_hub
             .as_ref()
             .and_then(|h| h.key_file.as_ref())
         {
-            out.push(("azure_iot_hub key_file", p));
+            out.push(("azure_iot_hub", "azure_iot_hub key_file".into(), p));
         }
-        if let Some(tls) = &self.tls {
-            out.extend(tls.files());
+        for (what, p) in self.tls.iter().flat_map(|t| t.files()) {
+            out.push(("tls", format!("tls {what}"), p));
         }
         out
     }
@@ -494,6 +496,26 @@ mod tests {
             assert!(msgs.is_empty(), "{file}: {msgs:?}");
             assert!(sink.broker().unwrap().tls, "{file}");
         }
+    }
+
+    #[test]
+    fn every_file_the_sink_reads_is_listed_for_ferry_check() {
+        let c = cfg(
+            "name = 'hub'\nazure_iot_hub = { hub = 'h', device_id = 'd', key_file = 'k' }\n\
+             tls = { ca_file = 'ca.pem' }",
+        );
+        let files: Vec<(&str, String)> = c
+            .files()
+            .into_iter()
+            .map(|(field, what, _)| (field, what))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("azure_iot_hub", "azure_iot_hub key_file".to_string()),
+                ("tls", "tls ca_file".to_string())
+            ]
+        );
     }
 
     #[test]
