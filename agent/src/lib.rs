@@ -16,7 +16,7 @@
 //! - [`rules`]: loads rule files into a `ferry_rules::RuleSet` and reloads them on
 //!   change or SIGHUP (evaluation is pure); [`replay`] is `ferry rules test`.
 //! - [`store`]: the durable, bounded, ordered buffer behind the [`store::Store`] trait.
-//! - [`sinks`]: the `Sink` trait and the registry of kinds (`http`, `nats`, `console`), each
+//! - [`sinks`]: the `Sink` trait and the registry of kinds (`http`, `mqtt`, `nats`, `console`), each
 //!   with its config, build and CloudEvents binding; the transport-neutral event;
 //!   the forwarding loop with its retries.
 //! - [`pipeline`]: wires the stages together with bounded channels and owns shutdown.

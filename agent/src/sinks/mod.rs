@@ -16,6 +16,7 @@ pub mod console;
 pub mod event;
 pub mod forward;
 pub mod http;
+pub mod mqtt;
 pub mod nats;
 
 use std::path::{Path, PathBuf};
@@ -196,6 +197,7 @@ macro_rules! sink_kinds {
 
 sink_kinds! {
     http: http::HttpSinkConfig,
+    mqtt: mqtt::MqttSinkConfig,
     nats: nats::NatsSinkConfig,
     console: console::ConsoleSinkConfig,
 }
@@ -213,7 +215,7 @@ mod tests {
 
     #[test]
     fn every_kind_is_listed_once_in_the_order_of_its_registration_line() {
-        assert_eq!(SinksConfig::KINDS, ["http", "nats", "console"]);
+        assert_eq!(SinksConfig::KINDS, ["http", "mqtt", "nats", "console"]);
     }
 
     #[test]
