@@ -138,6 +138,54 @@ pub struct BuildContext<'a> {
     pub resolve: &'a dyn Fn(&Path) -> PathBuf,
 }
 
+/// The checks every batching sink shares: events and bytes per request and the
+/// time limit of one, each reported at `["sink", kind, index, field]`.
+/// `batch_max_bytes` is `None` for a kind that has no such setting.
+pub(crate) fn check_batching(
+    kind: &'static str,
+    index: usize,
+    name: &str,
+    batch_max: usize,
+    batch_max_bytes: Option<u64>,
+    timeout: std::time::Duration,
+) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if !(1..=10_000).contains(&batch_max) {
+        out.push(crate::config::problem!(
+            ["sink", kind, index, "batch_max"],
+            "sink {name:?}: batch_max must be 1..=10000"
+        ));
+    }
+    if batch_max_bytes.is_some_and(|b| !(1024..=64 * 1024 * 1024).contains(&b)) {
+        out.push(crate::config::problem!(
+            ["sink", kind, index, "batch_max_bytes"],
+            "sink {name:?}: batch_max_bytes must be between 1KiB and 64MiB"
+        ));
+    }
+    if timeout.is_zero() || timeout > crate::config::LONGEST {
+        out.push(crate::config::problem!(
+            ["sink", kind, index, "timeout"],
+            "sink {name:?}: timeout must be more than 0 and at most 24h"
+        ));
+    }
+    out
+}
+
+/// Percent-encodes what the CloudEvents HTTP binding says must be (space, `"`,
+/// `%`, anything outside printable ASCII): the encoding of attribute values in
+/// headers, which the NATS binding uses too, so no value can carry a line break.
+pub(crate) fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A file a sink's config names.
 #[derive(Debug)]
 pub struct ConfigFile<'a> {

@@ -6,6 +6,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 
 use super::HttpMode;
 use crate::sinks::event::{Event, DATACONTENTTYPE};
+use crate::sinks::percent_encode;
 
 pub const STRUCTURED: &str = "application/cloudevents+json";
 pub const BATCH: &str = "application/cloudevents-batch+json";
@@ -48,20 +49,6 @@ pub fn message_len(mode: HttpMode, event: &Event) -> usize {
         HttpMode::Binary => event.data_len(),
         HttpMode::Structured | HttpMode::Batch => event.structured_len(),
     }
-}
-
-/// Percent-encodes what the CloudEvents HTTP binding says must be: space, `"`, `%`,
-/// and anything outside printable ASCII.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

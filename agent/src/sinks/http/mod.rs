@@ -244,31 +244,18 @@ impl SinkConfig for HttpSinkConfig {
                 self.url
             )),
         }
-        if !(1..=10_000).contains(&self.batch_max) {
-            out.push(problem!(
-                ["sink", "http", i, "batch_max"],
-                "sink {:?}: batch_max must be 1..=10000",
-                self.name
-            ));
-        }
-        if !(1024..=64 * 1024 * 1024).contains(&self.batch_max_bytes.0) {
-            out.push(problem!(
-                ["sink", "http", i, "batch_max_bytes"],
-                "sink {:?}: batch_max_bytes must be between 1KiB and 64MiB",
-                self.name
-            ));
-        }
+        out.extend(crate::sinks::check_batching(
+            "http",
+            i,
+            &self.name,
+            self.batch_max,
+            Some(self.batch_max_bytes.0),
+            self.timeout.0,
+        ));
         if !(1..=64).contains(&self.max_in_flight) {
             out.push(problem!(
                 ["sink", "http", i, "max_in_flight"],
                 "sink {:?}: max_in_flight must be 1..=64",
-                self.name
-            ));
-        }
-        if self.timeout.0.is_zero() || self.timeout.0 > crate::config::LONGEST {
-            out.push(problem!(
-                ["sink", "http", i, "timeout"],
-                "sink {:?}: timeout must be more than 0 and at most 24h",
                 self.name
             ));
         }

@@ -307,18 +307,14 @@ impl MqttSinkConfig {
                 "sink {n:?}: max_in_flight must be 1..=1024"
             ));
         }
-        if !(1..=10_000).contains(&self.batch_max) {
-            out.push(problem!(
-                ["sink", "mqtt", i, "batch_max"],
-                "sink {n:?}: batch_max must be 1..=10000"
-            ));
-        }
-        if self.timeout.0.is_zero() || self.timeout.0 > crate::config::LONGEST {
-            out.push(problem!(
-                ["sink", "mqtt", i, "timeout"],
-                "sink {n:?}: timeout must be more than 0 and at most 24h"
-            ));
-        }
+        out.extend(crate::sinks::check_batching(
+            "mqtt",
+            i,
+            n,
+            self.batch_max,
+            None,
+            self.timeout.0,
+        ));
         // MQTT carries keep-alive as whole seconds in 16 bits.
         let keep_alive = self.keep_alive.0;
         if !(Duration::from_secs(1)..=Duration::from_secs(u64::from(u16::MAX)))

@@ -23,6 +23,7 @@
 use std::borrow::Cow;
 
 use super::subject::{SubjectTemplate, Values};
+use crate::sinks::percent_encode;
 
 /// The header JetStream deduplicates on.
 pub const MSG_ID: &str = "Nats-Msg-Id";
@@ -144,19 +145,6 @@ impl Binding {
             payload,
         }
     }
-}
-
-/// Percent-encodes space, `"`, `%` and anything outside printable ASCII.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
