@@ -308,3 +308,93 @@ emit = { type = "com.example.silent", severity = "warning" }
     assert_eq!(events[1].data["transition"], "resolved");
     assert!(agent.stop().success());
 }
+
+#[test]
+fn after_a_restart_with_a_broken_rule_file_the_last_valid_rules_run_and_the_errors_are_logged() {
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    let config = TestConfig::new("gw-lastgood", &broker).http(&receiver.url(), "structured");
+    let mut agent = Agent::start(&config.toml(), &[("alerts.toml", HOT)]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+    assert!(agent.stop().success());
+
+    // A power cut mid-copy leaves half a file: `ferry check` refuses it...
+    let broken = "[[rule]]\nid = \"hot\"\nwhen = \"temperature >\"\n";
+    std::fs::write(agent.dir().join("rules").join("alerts.toml"), broken).unwrap();
+    let check = ferry()
+        .args(["check", "--config"])
+        .arg(agent.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        !check.status.success(),
+        "ferry check accepted a broken rule file"
+    );
+
+    // ...but the agent starts with the last valid rules and says why.
+    agent.start_again();
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+    publish(&broker, "oven-1", 60.0);
+    let fired = wait_for_alerts(&mut agent, &receiver, "com.example.hot", 1);
+    assert_eq!(fired[0].subject.as_deref(), Some("oven-1"));
+    let log = agent.stderr();
+    assert!(
+        log.contains("alerts.toml:3:"),
+        "the error is logged with its place:\n{log}"
+    );
+    assert!(log.contains("running the last valid rule set"), "{log}");
+    let m = agent.metrics();
+    assert_eq!(
+        m.value("ferry_rules_reloads_total", &[("result", "failed")]),
+        1.0
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_first_start_with_a_broken_rule_file_and_no_saved_rules_is_refused() {
+    let broker = Mosquitto::start();
+    let config = TestConfig::new("gw-nogood", &broker);
+    let mut agent = Agent::start(&config.toml(), &[("alerts.toml", "[[rule]]\nid = 1\n")]);
+    let status = agent.wait_for_exit();
+    assert!(
+        !status.success(),
+        "started with broken rules and nothing to fall back on"
+    );
+    assert!(
+        agent.stderr().contains("rule file error"),
+        "{}",
+        agent.stderr()
+    );
+}
+
+#[test]
+fn a_reloaded_rule_set_becomes_the_last_valid_one() {
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start();
+    let config = TestConfig::new("gw-reloadgood", &broker).http(&receiver.url(), "structured");
+    let mut agent = Agent::start(&config.toml(), &[("alerts.toml", HOT)]);
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+    save(&agent, "alerts.toml", WARM);
+    agent.eventually("the reload", |a| {
+        if a.stderr_contains("rules reloaded") {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    assert!(agent.stop().success());
+
+    std::fs::write(
+        agent.dir().join("rules").join("alerts.toml"),
+        "[[rule]]\nid = 1\n",
+    )
+    .unwrap();
+    agent.start_again();
+    broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
+    // 35 °C: warm (the reloaded set), not hot (the set the agent first started with).
+    publish(&broker, "vat-2", 35.0);
+    let warm = wait_for_alerts(&mut agent, &receiver, "com.example.warm", 1);
+    assert_eq!(warm[0].subject.as_deref(), Some("vat-2"));
+    assert!(alerts(&receiver, "com.example.hot").is_empty());
+}

@@ -108,19 +108,6 @@ pub async fn run(
         info!(listen = %admin.listen, "metrics at /metrics");
     }
 
-    let rules = match loaded.rules_dir() {
-        Some(dir) => {
-            let known = cfg.check_options();
-            let set = tokio::task::spawn_blocking(move || crate::rules::load_dir(&dir, &known))
-                .await
-                .map_err(|e| StartError::Internal(format!("rule loading failed: {e}")))?
-                .map_err(StartError::Rules)?;
-            info!(rules = set.len(), "rules loaded");
-            set
-        }
-        None => RuleSet::empty(),
-    };
-
     let store: Arc<dyn Store> = {
         let (dir, scfg, sinks) = (data_dir.clone(), cfg.store.clone(), sink_names.clone());
         let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir, &scfg, &sinks))
@@ -131,6 +118,11 @@ pub async fn run(
             dir: data_dir.clone(),
             source,
         })?)
+    };
+
+    let rules = match loaded.rules_dir() {
+        Some(dir) => start_rules(dir, cfg.check_options(), &store).await?,
+        None => RuleSet::empty(),
     };
 
     // The gauges from the start: a backlog left by the last run shows before any input.
@@ -243,7 +235,7 @@ pub async fn run(
     drop(tx);
     sources.close();
 
-    let (reload_tx, reload_rx) = mpsc::channel::<RuleSet>(1);
+    let (reload_tx, reload_rx) = mpsc::channel::<crate::rules::Reloaded>(1);
     let stop_watch = CancellationToken::new();
     tokio::spawn(crate::rules::watch(
         loaded.rules_dir(),
@@ -306,6 +298,69 @@ pub async fn run(
         "stopped; buffered records are kept for the next start"
     );
     Ok(())
+}
+
+/// The rule set to start with: the rule files if they compile (saved in the store
+/// as the last valid set), else the last valid set the store has, so a gateway
+/// whose rule files broke (a bad copy, a power cut mid-write) still starts and
+/// keeps forwarding; the errors are logged with `file:line:col` and counted, and
+/// `ferry check` still fails on them. With no saved set, the start is refused.
+async fn start_rules(
+    dir: PathBuf,
+    known: ferry_rules::CheckOptions,
+    store: &Arc<dyn Store>,
+) -> Result<RuleSet, StartError> {
+    let k = known.clone();
+    let loaded = tokio::task::spawn_blocking(move || crate::rules::load_dir_files(&dir, &k))
+        .await
+        .map_err(|e| StartError::Internal(format!("rule loading failed: {e}")))?;
+    match loaded {
+        Ok((set, files)) => {
+            info!(rules = set.len(), "rules loaded");
+            let files = crate::rules::encode_files(&files);
+            if let Err(error) = save_rule_files(store, files).await {
+                warn!(%error, "cannot save the rule set as the last valid one");
+            }
+            Ok(set)
+        }
+        Err(problems) => {
+            let saved = match store.rule_files() {
+                Ok(saved) => saved,
+                Err(error) => {
+                    warn!(%error, "cannot read the last valid rule set");
+                    None
+                }
+            };
+            let Some(saved) = saved else {
+                return Err(StartError::Rules(problems));
+            };
+            let compiled =
+                tokio::task::spawn_blocking(move || crate::rules::compile_saved(&saved, &known))
+                    .await
+                    .map_err(|e| StartError::Internal(format!("rule loading failed: {e}")))?;
+            match compiled {
+                Ok(set) => {
+                    crate::rules::log_problems(&problems);
+                    metrics::counter!("ferry_rules_reloads_total", "result" => "failed")
+                        .increment(1);
+                    error!(
+                        errors = problems.len(),
+                        rules = set.len(),
+                        "the rule files have errors: running the last valid rule set until they are fixed (`ferry check` lists them)"
+                    );
+                    Ok(set)
+                }
+                Err(why) => {
+                    warn!(%why, "the last valid rule set cannot be used either");
+                    Err(StartError::Rules(problems))
+                }
+            }
+        }
+    }
+}
+
+async fn save_rule_files(store: &Arc<dyn Store>, files: Vec<u8>) -> Result<(), StoreError> {
+    crate::sinks::blocking(store, move |s| s.save_rule_files(&files)).await
 }
 
 /// Restores open alerts (and rule bookkeeping) saved by the last run. Entries that
@@ -437,7 +492,7 @@ impl Committer {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Admitted>,
-        mut reloads: mpsc::Receiver<RuleSet>,
+        mut reloads: mpsc::Receiver<crate::rules::Reloaded>,
         shutdown: CancellationToken,
     ) {
         let mut inputs = Vec::with_capacity(BATCH);
@@ -456,9 +511,12 @@ impl Committer {
                         batch.acks.extend(input.ack);
                     }
                 }
-                Some(mut set) = reloads.recv() => {
+                Some(crate::rules::Reloaded { mut set, files }) = reloads.recv() => {
                     set.adopt_state(std::mem::replace(&mut self.rules, RuleSet::empty()));
                     self.rules = set;
+                    if let Err(error) = save_rule_files(&self.store, files).await {
+                        warn!(%error, "cannot save the reloaded rule set as the last valid one");
+                    }
                     // Rules that changed start afresh: the saved state must say so.
                     self.rewrite_state = true;
                     self.progress_unsaved = true;
@@ -870,6 +928,12 @@ mod tests {
         }
         fn rules_state(&self) -> Result<SavedState, StoreError> {
             Ok(SavedState::default())
+        }
+        fn save_rule_files(&self, _: &[u8]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn rule_files(&self) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
         }
         fn read(&self, from: u64, _: usize, _: usize) -> Result<Read, StoreError> {
             Ok(Read {

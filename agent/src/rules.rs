@@ -32,6 +32,15 @@ pub const MAX_RULE_FILE_BYTES: u64 = 1 << 20;
 /// problem in every file: a file that cannot be read as a rule file is reported by
 /// name, and the others are still compiled and their problems reported too.
 pub fn load_dir(dir: &Path, known: &CheckOptions) -> Result<RuleSet, Vec<Diagnostic>> {
+    load_dir_files(dir, known).map(|(set, _)| set)
+}
+
+/// [`load_dir`], also giving the files the set was compiled from, to be saved as
+/// the last valid rule set ([`encode_files`]).
+pub fn load_dir_files(
+    dir: &Path,
+    known: &CheckOptions,
+) -> Result<(RuleSet, Vec<SourceFile>), Vec<Diagnostic>> {
     let (files, mut problems) = read_dir(dir)?;
     let result = RuleSet::compile(&files, known);
     let set = match result {
@@ -48,7 +57,66 @@ pub fn load_dir(dir: &Path, known: &CheckOptions) -> Result<RuleSet, Vec<Diagnos
         let at = format!("{}:{}:{}", w.file, w.line, w.col);
         warn!(%at, message = %w.message, "rule file warning");
     }
-    Ok(set)
+    Ok((set, files))
+}
+
+/// One rule file as the store keeps it, for the last valid rule set.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedFile {
+    name: String,
+    text: String,
+}
+
+/// The files of a valid rule set, as the store keeps them: what the agent starts
+/// with when the rule files are broken after a reboot.
+pub fn encode_files(files: &[SourceFile]) -> Vec<u8> {
+    let saved: Vec<SavedFile> = files
+        .iter()
+        .map(|f| SavedFile {
+            name: f.name.clone(),
+            text: f.text.clone(),
+        })
+        .collect();
+    // A Vec of two strings each always serialises.
+    serde_json::to_vec(&saved).unwrap_or_default()
+}
+
+/// Compiles a rule set saved by [`encode_files`] with today's checks.
+pub fn compile_saved(bytes: &[u8], known: &CheckOptions) -> Result<RuleSet, String> {
+    let saved: Vec<SavedFile> =
+        serde_json::from_slice(bytes).map_err(|e| format!("unreadable: {e}"))?;
+    let files: Vec<SourceFile> = saved
+        .into_iter()
+        .map(|f| SourceFile {
+            name: f.name,
+            text: f.text,
+        })
+        .collect();
+    RuleSet::compile(&files, known).map_err(|problems| {
+        format!(
+            "it no longer compiles ({} problems, e.g. {})",
+            problems.len(),
+            problems.first().map(|p| p.message.as_str()).unwrap_or("")
+        )
+    })
+}
+
+/// Logs each problem of a rule load on its own line, with `file:line:col`.
+pub fn log_problems(problems: &[Diagnostic]) {
+    for p in problems {
+        let at = if p.line == 0 {
+            p.file.clone()
+        } else {
+            format!("{}:{}:{}", p.file, p.line, p.col)
+        };
+        error!(%at, message = %p.message, "rule file error");
+    }
+}
+
+/// A rule set a reload compiled, with its files encoded for the store.
+pub struct Reloaded {
+    pub set: RuleSet,
+    pub files: Vec<u8>,
 }
 
 /// The rule files of `dir` that could be read, and a problem for each that could
@@ -118,7 +186,7 @@ pub async fn watch(
     dir: Option<PathBuf>,
     watch_files: bool,
     known: CheckOptions,
-    reloaded: mpsc::Sender<RuleSet>,
+    reloaded: mpsc::Sender<Reloaded>,
     cancel: CancellationToken,
 ) {
     // Capacity 1: changes that arrive during a reload coalesce into one more reload.
@@ -178,7 +246,7 @@ pub async fn watch(
             continue;
         };
         let k = known.clone();
-        let result = match tokio::task::spawn_blocking(move || load_dir(&d, &k)).await {
+        let result = match tokio::task::spawn_blocking(move || load_dir_files(&d, &k)).await {
             Ok(r) => r,
             Err(e) => {
                 error!(error = %e, "rule loading failed");
@@ -186,23 +254,17 @@ pub async fn watch(
             }
         };
         match result {
-            Ok(set) => {
+            Ok((set, files)) => {
                 info!(reason = why, rules = set.len(), "rules reloaded");
                 metrics::counter!("ferry_rules_reloads_total", "result" => "ok").increment(1);
-                if reloaded.send(set).await.is_err() {
+                let files = encode_files(&files);
+                if reloaded.send(Reloaded { set, files }).await.is_err() {
                     return;
                 }
             }
             Err(problems) => {
                 metrics::counter!("ferry_rules_reloads_total", "result" => "failed").increment(1);
-                for p in &problems {
-                    let at = if p.line == 0 {
-                        p.file.clone()
-                    } else {
-                        format!("{}:{}:{}", p.file, p.line, p.col)
-                    };
-                    error!(%at, message = %p.message, "rule file error");
-                }
+                log_problems(&problems);
                 warn!(
                     reason = why,
                     errors = problems.len(),

@@ -1252,6 +1252,22 @@ impl Agent {
             .push_str("---- killed (SIGKILL) ----\n");
     }
 
+    /// Waits for the agent to exit by itself (failing the test after
+    /// [`DEADLINE`]) and returns how it exited.
+    pub fn wait_for_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the agent is not running");
+        match wait_with_deadline(&mut child, DEADLINE) {
+            Some(status) => status,
+            None => {
+                kill_and_reap(&mut child);
+                panic!(
+                    "ferry did not exit within {DEADLINE:?}; stderr:\n{}",
+                    tail(&self.stderr(), 40)
+                );
+            }
+        }
+    }
+
     /// Fails the test (with the agent's log) if the agent has exited.
     pub fn assert_running(&mut self) {
         if let Some(child) = self.child.as_mut() {

@@ -232,6 +232,10 @@ pub trait Store: Send + Sync + 'static {
     fn append(&self, records: &[Record], state: &StateWrite) -> Result<Appended, StoreError>;
     /// The rule state saved by every `append` so far.
     fn rules_state(&self) -> Result<SavedState, StoreError>;
+    /// Keeps `files` (an encoded rule set) as the last valid rule set, durably.
+    fn save_rule_files(&self, files: &[u8]) -> Result<(), StoreError>;
+    /// The last valid rule set saved, if any.
+    fn rule_files(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// Up to `max` records from sequence `from` on, in order, stopping after the
     /// record that reaches `max_bytes` (at least one record is returned, whatever
     /// its size). A record that cannot be decoded is moved out of the way

@@ -7,7 +7,9 @@
 //! - `r:` + key: one rule's saved state for one device, committed with the batch
 //!   that changed it (`m:rules`, the whole state in one value, is what earlier
 //!   releases wrote; it is read once and removed by the next full rewrite);
-//! - `c:` + sink name: that sink's cursor.
+//! - `c:` + sink name: that sink's cursor;
+//! - `m:rule_files`: the files of the last rule set that compiled, to start with
+//!   when the rule files are broken after a reboot.
 //!
 //! sled flushes in the background every 500 ms; an append calls `flush` itself before
 //! returning, because callers acknowledge input to producers on its return. Cursor
@@ -31,6 +33,7 @@ const EPOCH: &[u8] = b"m:epoch";
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 const LEGACY_RULES_STATE: &[u8] = b"m:rules";
 const STATE_PREFIX: &[u8] = b"r:";
+const RULE_FILES: &[u8] = b"m:rule_files";
 
 fn state_key(key: &str) -> Vec<u8> {
     [STATE_PREFIX, key.as_bytes()].concat()
@@ -546,6 +549,21 @@ impl Store for SledStore {
             self.quarantine(unreadable)?;
         }
         Ok(out)
+    }
+
+    fn save_rule_files(&self, files: &[u8]) -> Result<(), StoreError> {
+        let db = self.db();
+        db.insert(RULE_FILES, files).map_err(backend)?;
+        db.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn rule_files(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db()
+            .get(RULE_FILES)
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
     }
 
     fn rules_state(&self) -> Result<SavedState, StoreError> {
