@@ -9,9 +9,6 @@
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::json;
@@ -23,81 +20,6 @@ const TOPIC: &str = "sensors/pump-7/telemetry";
 fn delivered(receiver: &Receiver) -> usize {
     let seqs: BTreeSet<u64> = receiver.readings().iter().filter_map(|e| e.seq()).collect();
     seqs.len()
-}
-
-/// A publisher that keeps publishing QoS 1 (one reading every `every`) until
-/// finished; stops too when dropped (also while unwinding from a failed assertion).
-struct Stream {
-    sent: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<u64>>,
-}
-
-impl Stream {
-    fn start(broker: &Mosquitto, every: Duration) -> Stream {
-        let sent = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut publisher = broker.line_publisher(TOPIC, 1);
-        let thread = {
-            let (sent, stop) = (sent.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    publisher.send(
-                        &json!({"pressure": 1.0 + (i % 10) as f64 / 10.0, "seq": i}).to_string(),
-                    );
-                    i += 1;
-                    sent.store(i, Ordering::Relaxed);
-                    // Pacing, not synchronisation: a steady stream rather than a burst.
-                    std::thread::sleep(every);
-                }
-                publisher.finish(); // waits for every PUBACK from the broker
-                i
-            })
-        };
-        Stream {
-            sent,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
-    }
-
-    fn is_publishing(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
-    }
-
-    /// Waits until the publisher has published `more` readings beyond now.
-    fn wait_for_more(&self, more: u64) {
-        let from = self.sent();
-        eventually(&format!("{more} more readings to be published"), || {
-            let now = self.sent();
-            if now >= from + more {
-                Ok(())
-            } else {
-                Err(format!("{now} sent"))
-            }
-        });
-    }
-
-    /// Stops publishing; the number of readings the broker acknowledged.
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .expect("finished once")
-            .join()
-            .expect("publisher thread")
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
 }
 
 fn wait_for_delivered(agent: &mut Agent, receiver: &Receiver, at_least: usize) {
@@ -194,7 +116,7 @@ fn no_reading_is_lost_when_the_agent_is_stopped_mid_stream_and_restarted() {
     let mut agent = Agent::start(&config.toml(), &[]);
     broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
 
-    let stream = Stream::start(&broker, Duration::from_millis(10));
+    let stream = Stream::start(&broker, TOPIC, Duration::from_millis(10));
     for (round, after) in [(1, 60), (2, 160)] {
         wait_for_delivered(&mut agent, &receiver, after);
         assert!(
@@ -234,7 +156,7 @@ fn no_acknowledged_reading_is_lost_when_the_agent_is_killed_mid_stream_and_resta
     broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
 
     // Fast enough that commits, acknowledgements and sends overlap when the kill comes.
-    let stream = Stream::start(&broker, Duration::from_millis(2));
+    let stream = Stream::start(&broker, TOPIC, Duration::from_millis(2));
     let mut after = 0;
     // Each kill lands at a random point of the commit cycle: several of them give a
     // wrong order of commit and acknowledgement many chances to lose a reading.
@@ -327,4 +249,19 @@ fn an_event_committed_before_a_kill_is_resent_after_the_restart_with_the_id_it_w
         new.id
     );
     assert!(agent.stop().success(), "ferry must exit 0 on SIGTERM");
+}
+
+/// The crash battery: 30 SIGKILLs at random moments (mid-commit, mid-send,
+/// mid-reload) under a steady QoS 1 stream. `cargo bench --bench crash_battery`
+/// runs the long version and prints the counts.
+#[test]
+fn thirty_kills_at_random_moments_lose_no_acknowledged_reading() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let b = run_battery(30, seed, Duration::from_secs(120));
+    eprintln!("{b:?}");
+    assert_eq!(b.lost, 0, "{b:?}");
+    assert_eq!(b.id_reused, 0, "an id named two different readings: {b:?}");
+    assert!(b.published > 0, "{b:?}");
 }

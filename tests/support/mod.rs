@@ -21,6 +21,9 @@ mod cable;
 // Only the serial-port tests use it; the others compile this module too.
 #[allow(unused_imports)]
 pub use cable::{Cable, Heard};
+mod crash;
+#[allow(unused_imports)]
+pub use crash::{run_battery, Battery, Stream};
 mod nats;
 #[allow(unused_imports)]
 pub use nats::NatsServer;
