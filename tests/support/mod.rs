@@ -10,6 +10,8 @@
 //! - [`Metrics`]: a scrape of the agent's Prometheus endpoint.
 //! - [`Cable`]: a serial cable (a socat pty pair) that can be unplugged and replugged.
 //! - [`NatsServer`]: a real `nats-server` with JetStream on a free loopback port.
+//! - [`Stream`] and [`run_battery`]: a QoS 1 publisher that keeps going across agent
+//!   kills, and the crash battery built on it.
 //!
 //! Every wait is a poll loop with a generous deadline that fails the test with a
 //! message saying what was awaited and what was seen. Every helper kills its child
