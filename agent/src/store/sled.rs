@@ -83,6 +83,10 @@ struct State {
     cursors: HashMap<String, u64>,
     /// When the files were last rebuilt to give space back.
     compacted_at: Option<std::time::Instant>,
+    /// Bytes appended since the files' size was last looked at: it costs a stat
+    /// and a directory read, too much for every advance that empties the store,
+    /// and the files only grow by appending.
+    appended_since_size_check: u64,
 }
 
 impl SledStore {
@@ -162,6 +166,7 @@ impl SledStore {
                 stats,
                 cursors,
                 compacted_at: None,
+                appended_since_size_check: u64::MAX,
             }),
         };
         store.trim(&mut store.lock())?;
@@ -185,10 +190,12 @@ impl SledStore {
         let to = trim_point(st.cursors.values().copied(), st.stats.head, st.stats.next);
         self.remove_head(st, to, u64::MAX)?;
         if st.stats.records == 0
+            && st.appended_since_size_check >= self.compact_above / 4
             && st
                 .compacted_at
                 .is_none_or(|at| at.elapsed() >= COMPACT_AT_MOST_EVERY)
         {
+            st.appended_since_size_check = 0;
             let size = self.db().size_on_disk().map_err(backend)?;
             if size > self.compact_above {
                 st.compacted_at = Some(std::time::Instant::now());
@@ -514,6 +521,7 @@ impl Store for SledStore {
         st.stats.records += records.len() as u64;
         st.stats.bytes += incoming;
         st.stats.next = next;
+        st.appended_since_size_check = st.appended_since_size_check.saturating_add(incoming);
         Ok(Appended { first, dropped })
     }
 
