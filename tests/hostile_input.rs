@@ -171,15 +171,18 @@ fn an_undecodable_stored_record_is_skipped_once_and_the_rest_delivered_and_shutd
 
     // Damage the middle record as a bit flip or an older release's bug would.
     {
-        let db = sled::open(agent.dir().join("data")).expect("open the stopped agent's store");
-        let key = db
-            .range(b"e".as_slice()..b"f".as_slice())
-            .keys()
-            .nth(1)
-            .expect("three stored records")
-            .unwrap();
-        db.insert(key, b"{\"source\":".as_slice()).unwrap();
-        db.flush().unwrap();
+        use ferry_agent::store::backend::{Backend, Batch};
+        let db = ferry_agent::store::redb::RedbBackend::open(&agent.dir().join("data"), 1 << 20)
+            .expect("open the stopped agent's store");
+        let mut keys = Vec::new();
+        db.scan(b"e", b"f", &mut |k, _| {
+            keys.push(k.to_vec());
+            true
+        })
+        .unwrap();
+        let mut batch = Batch::durable();
+        batch.put(keys[1].clone(), b"{\"source\":".to_vec());
+        db.commit(batch).unwrap();
     }
 
     down.set_failing(None);

@@ -198,9 +198,19 @@ fn when_an_outage_fills_the_store_drop_oldest_removes_exactly_the_oldest_reading
     broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
 
     publish_in_tens(&mut agent, &broker, N);
-    // The lag is published after the commit's counters and store gauges: once it
-    // shows all N, so do they.
-    let m = agent.wait_for_metric("ferry_sink_lag_records", &[("sink", "cloud")], N as f64);
+    // The lag is published after the commit's counters and store gauges, and
+    // counts what is stored (not what was dropped): once lag and drops add up to
+    // all N, every commit has been counted.
+    let m = agent.eventually("every reading stored or dropped", |a| {
+        let m = a.metrics();
+        let lag = m.value("ferry_sink_lag_records", &[("sink", "cloud")]);
+        let dropped = m.value("ferry_store_dropped_total", &[("reason", "store_full")]);
+        if lag + dropped >= N as f64 {
+            Ok(m)
+        } else {
+            Err(m.ferry_lines())
+        }
+    });
     let dropped = m.value("ferry_store_dropped_total", &[("reason", "store_full")]);
     assert!(
         dropped >= 1.0,

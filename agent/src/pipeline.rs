@@ -39,7 +39,7 @@ use crate::ingest::{
 };
 use crate::ratelimit::RateLimit;
 use crate::sinks;
-use crate::store::{sled::SledStore, Record, SavedState, StateWrite, Store, StoreError};
+use crate::store::{Record, SavedState, StateWrite, Store, StoreError};
 
 /// Inputs waiting for the commit task. Bounded: a full channel stops the sources.
 const CHANNEL: usize = 4096;
@@ -110,7 +110,7 @@ pub async fn run(
 
     let store: Arc<dyn Store> = {
         let (dir, scfg, sinks) = (data_dir.clone(), cfg.store.clone(), sink_names.clone());
-        let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir, &scfg, &sinks))
+        let opened = tokio::task::spawn_blocking(move || crate::store::open(&dir, &scfg, &sinks))
             .await
             .map_err(|e| StoreError::Backend(e.to_string()))
             .and_then(|r| r);

@@ -6,11 +6,21 @@
 //! policy, and every such drop is counted.
 //!
 //! The [`Store`] trait is deliberately narrow (append a batch, read from a cursor,
-//! advance a cursor) so a backend can be swapped on measured figures. The decisions
-//! (does a batch fit, what to trim) are pure functions in this file; backends only
-//! do the I/O. [`sled`] is the backend today.
+//! advance a cursor). It is implemented once, by the [`ledger`], on top of a small
+//! key-value [`backend`]: [`redb`] (the default) or [`sled`], chosen by measured
+//! figures (docs/BENCHMARKS.md). The decisions (does a batch fit, what to trim) are
+//! pure functions in this file.
 
+pub mod backend;
+mod fs;
+pub mod ledger;
+mod migrate;
+#[cfg(test)]
+mod model_test;
+pub mod redb;
 pub mod sled;
+
+use std::path::Path;
 
 use std::collections::BTreeMap;
 
@@ -24,6 +34,10 @@ use crate::config::{problem, Bytes, Problem};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
+    /// The key-value backend: `redb` (default) or `sled`. See ARCHITECTURE.md for
+    /// what each guarantees at a power cut.
+    #[serde(default)]
+    pub backend: BackendKind,
     /// Upper bound on the bytes of stored records (payloads as stored, not the
     /// files on disk, which sled makes larger: see docs/BENCHMARKS.md). Default 256MiB.
     #[serde(default = "default_max_bytes")]
@@ -33,7 +47,7 @@ pub struct StoreConfig {
     /// input (and so stops acknowledging it) until sinks make room. Default `drop_oldest`.
     #[serde(default)]
     pub when_full: WhenFull,
-    /// Memory sled may use for its page cache. Default 16MiB.
+    /// Memory the backend may use for its page cache. Default 16MiB.
     #[serde(default = "default_cache")]
     pub cache_capacity: Bytes,
 }
@@ -52,6 +66,7 @@ fn default_cache() -> Bytes {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            backend: BackendKind::default(),
             max_bytes: default_max_bytes(),
             when_full: WhenFull::default(),
             cache_capacity: default_cache(),
@@ -78,6 +93,37 @@ impl StoreConfig {
         }
         out
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    #[default]
+    Redb,
+    Sled,
+}
+
+/// Opens (or creates) the store in `dir` with the configured backend, for the
+/// given sinks. A sled store left by an earlier release is moved into redb first
+/// when redb is configured, so an upgrade keeps the buffered readings.
+pub fn open(dir: &Path, cfg: &StoreConfig, sinks: &[String]) -> Result<ledger::Ledger, StoreError> {
+    let backend: Box<dyn backend::Backend> = match cfg.backend {
+        BackendKind::Redb => {
+            migrate::sled_to_redb(dir, cfg.cache_capacity.0)?;
+            Box::new(redb::RedbBackend::open(dir, cfg.cache_capacity.0)?)
+        }
+        BackendKind::Sled => {
+            if dir.join(redb::FILE).exists() {
+                return Err(StoreError::Backend(format!(
+                    "{} holds a redb store ({}); set store.backend = \"redb\" to use it",
+                    dir.display(),
+                    redb::FILE
+                )));
+            }
+            Box::new(sled::SledBackend::open(dir, cfg.cache_capacity.0)?)
+        }
+    };
+    ledger::Ledger::open(backend, cfg, sinks)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -219,8 +265,8 @@ pub struct Stats {
     pub next: u64,
 }
 
-/// The storage backend. Calls block (sled is synchronous): call them from
-/// `spawn_blocking` or a blocking-tolerant context.
+/// The store as the pipeline sees it. Calls block (the backends are synchronous):
+/// call them from `spawn_blocking` or a blocking-tolerant context.
 pub trait Store: Send + Sync + 'static {
     /// Commits a batch durably (fsync) and returns its first sequence. Under
     /// `drop_oldest` old records may be removed to make room; under `reject_new`
@@ -241,7 +287,7 @@ pub trait Store: Send + Sync + 'static {
     /// its size). A record that cannot be decoded is moved out of the way
     /// (quarantined), counted and logged once, and read past.
     fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Read, StoreError>;
-    /// The sink's cursor: the next sequence it needs.
+    /// The sink's cursor: the next sequence it needs, never below the head.
     fn cursor(&self, sink: &str) -> Result<u64, StoreError>;
     /// Moves the sink's cursor to `to` and removes records every sink has passed.
     fn advance(&self, sink: &str, to: u64) -> Result<(), StoreError>;

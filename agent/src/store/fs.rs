@@ -1,0 +1,51 @@
+//! File helpers the backends share: a private store directory, and writes that
+//! are on stable storage (file and directory entry) when they return.
+
+use std::path::Path;
+
+use super::StoreError;
+
+pub fn io_error(e: std::io::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+pub fn remove_any(path: &Path) -> Result<(), StoreError> {
+    let removed = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    removed.map_err(io_error)
+}
+
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io_error)?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io_error)?;
+    std::fs::rename(&tmp, path).map_err(io_error)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error)
+}
+
+/// Creates the store directory readable by its owner only: readings can be private.
+pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))
+}
