@@ -858,6 +858,9 @@ impl Committer {
                             StoreError::Full { .. } => {
                                 warn!(%error, "store full: holding input (not acknowledging) until sinks catch up")
                             }
+                            StoreError::NoSpace(_) => {
+                                warn!(%error, "disk full: holding input (not acknowledging) until space returns; sinks keep delivering")
+                            }
                             _ => {
                                 error!(%error, "cannot commit to the store; holding input and retrying")
                             }

@@ -47,7 +47,9 @@ pub struct StoreConfig {
     /// input (and so stops acknowledging it) until sinks make room. Default `drop_oldest`.
     #[serde(default)]
     pub when_full: WhenFull,
-    /// Memory the backend may use for its page cache. Default 16MiB.
+    /// Memory the backend may use for its page cache. Default 4MiB: with redb
+    /// that keeps the whole agent under 16 MiB with a million events buffered
+    /// (docs/BENCHMARKS.md).
     #[serde(default = "default_cache")]
     pub cache_capacity: Bytes,
 }
@@ -60,7 +62,7 @@ fn default_max_bytes() -> Bytes {
 const MIN_CACHE: u64 = 64 * 1024;
 
 fn default_cache() -> Bytes {
-    Bytes(16 * 1024 * 1024)
+    Bytes(4 * 1024 * 1024)
 }
 
 impl Default for StoreConfig {
@@ -212,6 +214,13 @@ pub enum StoreError {
     /// A single batch larger than `max_bytes`: it cannot fit even in an empty store.
     #[error("a batch of {bytes} bytes cannot fit in a store of {max} bytes")]
     TooLarge { bytes: u64, max: u64 },
+    /// The filesystem has no room left for a commit: input waits (is not
+    /// acknowledged) until there is.
+    #[error("no space left for the store: {0}")]
+    NoSpace(String),
+    /// Reading or writing the store's files failed.
+    #[error("storage I/O error: {0}")]
+    Io(String),
     #[error("storage error: {0}")]
     Backend(String),
     #[error("a stored record cannot be read: {0}")]

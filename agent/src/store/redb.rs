@@ -29,13 +29,22 @@ const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ferry");
 
 fn backend(e: impl Into<redb::Error>) -> StoreError {
     let e: redb::Error = e.into();
-    StoreError::Backend(e.to_string())
+    match &e {
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            StoreError::NoSpace(e.to_string())
+        }
+        redb::Error::Io(_) | redb::Error::PreviousIo => StoreError::Io(e.to_string()),
+        _ => StoreError::Backend(e.to_string()),
+    }
 }
 
 pub struct RedbBackend {
-    /// Behind a lock only because compaction needs the database to itself.
-    db: RwLock<Database>,
+    /// Behind a lock because compaction needs the database to itself, and a
+    /// failed write closes it to open it again (`None` in between, or while the
+    /// disk is too full to open it).
+    db: RwLock<Option<Database>>,
     path: PathBuf,
+    cache_capacity: u64,
 }
 
 impl RedbBackend {
@@ -43,32 +52,66 @@ impl RedbBackend {
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
         create_private_dir(dir)?;
         let path = dir.join(FILE);
-        let db = Database::builder()
-            .set_cache_size(usize::try_from(cache_capacity).unwrap_or(usize::MAX))
-            .set_check_integrity_on_open(true)
-            .create(&path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
-                    "{} is in use by another ferry process (one agent per data_dir)",
-                    dir.display()
-                )),
-                other => backend(other),
-            })?;
-        // The table exists from here on, so reads need not tell "no table" apart.
-        let tx = db.begin_write().map_err(backend)?;
-        tx.open_table(TABLE).map_err(backend)?;
-        tx.commit().map_err(backend)?;
+        let db = open_database(&path, cache_capacity)?;
         Ok(Self {
-            db: RwLock::new(db),
+            db: RwLock::new(Some(db)),
             path,
+            cache_capacity,
         })
     }
 
-    fn db(&self) -> std::sync::RwLockReadGuard<'_, Database> {
-        // Poisoned only by a panic during compaction, which leaves the database as
-        // redb left it: usable.
-        self.db.read().unwrap_or_else(|p| p.into_inner())
+    /// Runs `f` on the open database. After a failed write redb refuses every
+    /// later call ("previous I/O error") until the database is opened again: an
+    /// I/O error closes it, and the next call opens it again (so the store works
+    /// again once, say, space is back).
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        {
+            // Poisoned only by a panic while reopening or compacting; the value is
+            // then a closed or whole database, both of which are handled here.
+            let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(db) = guard.as_ref() {
+                let result = f(db);
+                if !matches!(result, Err(StoreError::Io(_) | StoreError::NoSpace(_))) {
+                    return result;
+                }
+                drop(guard);
+                // Close it: the file is locked while it is open.
+                drop(self.db.write().unwrap_or_else(|p| p.into_inner()).take());
+                return result;
+            }
+        }
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(open_database(&self.path, self.cache_capacity)?);
+        }
+        match guard.as_ref() {
+            Some(db) => f(db),
+            None => Err(StoreError::Io("the store could not be opened again".into())),
+        }
     }
+}
+
+fn open_database(path: &Path, cache_capacity: u64) -> Result<Database, StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let db = Database::builder()
+        .set_cache_size(usize::try_from(cache_capacity).unwrap_or(usize::MAX))
+        .set_check_integrity_on_open(true)
+        .create(path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+                "{} is in use by another ferry process (one agent per data_dir)",
+                dir.display()
+            )),
+            other => backend(other),
+        })?;
+    // The table exists from here on, so reads need not tell "no table" apart.
+    let tx = db.begin_write().map_err(backend)?;
+    tx.open_table(TABLE).map_err(backend)?;
+    tx.commit().map_err(backend)?;
+    Ok(db)
 }
 
 impl Backend for RedbBackend {
@@ -77,14 +120,16 @@ impl Backend for RedbBackend {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db().begin_read().map_err(backend)?;
-        let table = match tx.open_table(TABLE) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(backend(e)),
-        };
-        let value = table.get(key).map_err(backend)?;
-        Ok(value.map(|v| v.value().to_vec()))
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let table = match tx.open_table(TABLE) {
+                Ok(t) => t,
+                Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(backend(e)),
+            };
+            let value = table.get(key).map_err(backend)?;
+            Ok(value.map(|v| v.value().to_vec()))
+        })
     }
 
     fn scan(
@@ -93,49 +138,25 @@ impl Backend for RedbBackend {
         to: &[u8],
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        let tx = self.db().begin_read().map_err(backend)?;
-        let table = match tx.open_table(TABLE) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(()),
-            Err(e) => return Err(backend(e)),
-        };
-        for item in table.range(from..to).map_err(backend)? {
-            let (k, v) = item.map_err(backend)?;
-            if !visit(k.value(), v.value()) {
-                break;
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let table = match tx.open_table(TABLE) {
+                Ok(t) => t,
+                Err(TableError::TableDoesNotExist(_)) => return Ok(()),
+                Err(e) => return Err(backend(e)),
+            };
+            for item in table.range(from..to).map_err(backend)? {
+                let (k, v) = item.map_err(backend)?;
+                if !visit(k.value(), v.value()) {
+                    break;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        let db = self.db();
-        let mut tx = db.begin_write().map_err(backend)?;
-        tx.set_durability(if batch.durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(|e| StoreError::Backend(e.to_string()))?;
-        {
-            let mut table = tx.open_table(TABLE).map_err(backend)?;
-            for op in &batch.ops {
-                match op {
-                    Op::Put(k, v) => {
-                        table.insert(k.as_slice(), v.as_slice()).map_err(backend)?;
-                    }
-                    Op::Delete(k) => {
-                        table.remove(k.as_slice()).map_err(backend)?;
-                    }
-                    Op::DeleteRange(from, to) => {
-                        table
-                            .retain_in(from.as_slice()..to.as_slice(), |_, _| false)
-                            .map_err(backend)?;
-                    }
-                }
-            }
-        }
-        tx.commit().map_err(backend)
+        self.with_db(|db| write(db, &batch))
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -147,8 +168,40 @@ impl Backend for RedbBackend {
     /// redb reuses freed pages but keeps the file's length; compaction moves the
     /// pages in use to the front and shortens the file.
     fn reclaim(&self) -> Result<(), StoreError> {
-        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
-        db.compact().map_err(backend)?;
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = guard.as_mut() {
+            db.compact().map_err(backend)?;
+        }
         Ok(())
     }
+}
+
+/// Applies `batch` in one write transaction.
+fn write(db: &Database, batch: &Batch) -> Result<(), StoreError> {
+    let mut tx = db.begin_write().map_err(backend)?;
+    tx.set_durability(if batch.durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })
+    .map_err(|e| StoreError::Backend(e.to_string()))?;
+    {
+        let mut table = tx.open_table(TABLE).map_err(backend)?;
+        for op in &batch.ops {
+            match op {
+                Op::Put(k, v) => {
+                    table.insert(k.as_slice(), v.as_slice()).map_err(backend)?;
+                }
+                Op::Delete(k) => {
+                    table.remove(k.as_slice()).map_err(backend)?;
+                }
+                Op::DeleteRange(from, to) => {
+                    table
+                        .retain_in(from.as_slice()..to.as_slice(), |_, _| false)
+                        .map_err(backend)?;
+                }
+            }
+        }
+    }
+    tx.commit().map_err(backend)
 }
