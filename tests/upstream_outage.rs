@@ -1,9 +1,10 @@
 //! While the upstream is down (connection refused, then 503), readings keep being
 //! accepted and buffered; once it recovers every one is delivered, in order, and
 //! each retry carried the same CloudEvents `source` + `id`. An event the upstream
-//! refuses for good (4xx) is dropped and counted, and costs only itself. When a long
-//! outage fills the store, `drop_oldest` removes exactly the oldest readings and
-//! counts each in `store_full`, and `reject_new` withholds the PUBACKs, so the
+//! refuses for good (4xx) is counted, kept as a dead letter, and costs only itself.
+//! When a long outage fills the store, `drop_oldest` removes exactly the oldest
+//! readings and counts each in `store_full` that is never delivered (exactly: the
+//! one the sink held while retrying is delivered, not counted), and `reject_new` withholds the PUBACKs, so the
 //! broker keeps what the store has no room for.
 
 mod support;
@@ -142,6 +143,13 @@ fn an_event_the_upstream_refuses_for_good_is_dropped_and_counted_and_the_rest_of
         "only the refused event is dropped: {}",
         m.ferry_lines()
     );
+    let m = agent.wait_for_metric("ferry_dead_letters", &[], 1.0);
+    assert_eq!(
+        m.value("ferry_dead_letters", &[]),
+        1.0,
+        "the refused event is kept as a dead letter: {}",
+        m.ferry_lines()
+    );
     assert!(agent.stop().success(), "ferry must exit 0 on SIGTERM");
 }
 
@@ -198,14 +206,11 @@ fn when_an_outage_fills_the_store_drop_oldest_removes_exactly_the_oldest_reading
     broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
 
     publish_in_tens(&mut agent, &broker, N);
-    // The lag is published after the commit's counters and store gauges, and
-    // counts what is stored (not what was dropped): once lag and drops add up to
-    // all N, every commit has been counted.
-    let m = agent.eventually("every reading stored or dropped", |a| {
+    // The store counts what it drops inside the commit, before the commit is
+    // counted: once all N are committed, every drop so far is counted.
+    let m = agent.eventually("every reading committed", |a| {
         let m = a.metrics();
-        let lag = m.value("ferry_sink_lag_records", &[("sink", "cloud")]);
-        let dropped = m.value("ferry_store_dropped_total", &[("reason", "store_full")]);
-        if lag + dropped >= N as f64 {
+        if m.value("ferry_store_committed_total", &[]) >= N as f64 {
             Ok(m)
         } else {
             Err(m.ferry_lines())
@@ -228,17 +233,20 @@ fn when_an_outage_fills_the_store_drop_oldest_removes_exactly_the_oldest_reading
     let seqs: BTreeSet<u64> = readings.iter().filter_map(|e| e.seq()).collect();
     // What is left is the newest readings, without a gap...
     let kept = (0..N).rev().take_while(|s| seqs.contains(s)).count() as u64;
-    // ...plus, at most, the one event the sink had read before the outage and held
-    // while retrying: it left the store (and was counted) but is still delivered.
+    // ...plus the one event the sink had read before the outage and held while
+    // retrying: it left the store to make room, but the sink still had it and
+    // delivered it, so it is not counted dropped.
     let held: Vec<u64> = seqs.iter().copied().filter(|s| *s < N - kept).collect();
-    assert!(
-        held.is_empty() || held == [0],
+    assert_eq!(
+        held,
+        [0],
         "readings other than the oldest were dropped: delivered {seqs:?}"
     );
+    // Exact: every reading is delivered or counted dropped, never both, never neither.
     assert_eq!(
         dropped,
-        (N - kept) as f64,
-        "store_full counts every removed reading, delivered {seqs:?}"
+        (N - seqs.len() as u64) as f64,
+        "store_full counts exactly the readings that were not delivered, delivered {seqs:?}"
     );
     eprintln!("{kept} newest kept, {dropped} dropped, held and delivered: {held:?}");
     let m = agent.metrics();

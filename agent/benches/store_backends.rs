@@ -40,6 +40,7 @@ fn record(i: u64, pad: usize) -> Record {
         }),
         ext: Default::default(),
         to: None,
+        origin: None,
     }
 }
 
@@ -49,6 +50,7 @@ fn config(kind: BackendKind, cache: u64, max_bytes: u64) -> StoreConfig {
         max_bytes: Bytes(max_bytes),
         when_full: WhenFull::DropOldest,
         cache_capacity: Bytes(cache),
+        ..StoreConfig::default()
     }
 }
 

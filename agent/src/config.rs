@@ -79,10 +79,15 @@ fn default_max_time_ahead() -> Dur {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address for the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`.
-    /// Keep it on loopback unless the port is firewalled.
+    /// Address for the Prometheus endpoint (`GET /metrics`) and the dead-letter
+    /// endpoints `ferry dead-letters` uses, e.g. `127.0.0.1:9464`. Keep it on
+    /// loopback unless the port is firewalled.
     #[serde(deserialize_with = "socket_addr")]
     pub listen: std::net::SocketAddr,
+    /// Answer dead-letter requests from clients that are not on loopback too.
+    /// They show readings and change the store. Default false.
+    #[serde(default)]
+    pub remote_dead_letters: bool,
 }
 
 /// `[[source.mqtt]]`, `[[source.serial]]`, `[[source.modbus]]`, `[[source.simulator]]`

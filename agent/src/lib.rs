@@ -26,6 +26,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod dead_letters;
 pub mod decode;
 pub mod ingest;
 pub mod modbus;

@@ -1,4 +1,5 @@
-//! The `ferry` command: `run` the agent, or `check` a config and its rule files.
+//! The `ferry` command: `run` the agent, `check` a config and its rule files, work
+//! with rule files, and look at, replay or purge dead letters.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -47,6 +48,61 @@ enum Command {
     /// Work with rule files.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Events an upstream refused for good, or too large for a sink, kept in the
+    /// store: list, show, replay or purge them, on a running agent (through its
+    /// `[admin] listen` endpoint) or a stopped one (opening its store).
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+/// Which agent's store.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// The agent's config file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Store directory, overriding `agent.data_dir` (as for `ferry run`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// List the dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Print one dead letter, its record included, as JSON.
+    Show {
+        /// The dead letter's id, as `list` shows it.
+        id: u64,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Send dead letters again, each to its sink only and with the CloudEvents id
+    /// it was first sent with, and remove them.
+    Replay {
+        /// The dead letter's id, as `list` shows it.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove dead letters for good.
+    Purge {
+        /// The dead letter's id, as `list` shows it.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -102,6 +158,16 @@ fn main() -> ExitCode {
             json,
             config,
         }) => rules_test(&dir, &readings, json, config.as_deref()),
+        Command::DeadLetters(cmd) => {
+            use ferry_agent::dead_letters::Action;
+            let (store, action) = match cmd {
+                DeadLettersCommand::List { store } => (store, Action::List),
+                DeadLettersCommand::Show { id, store } => (store, Action::Show(id)),
+                DeadLettersCommand::Replay { id, store, .. } => (store, Action::Replay(id)),
+                DeadLettersCommand::Purge { id, store, .. } => (store, Action::Purge(id)),
+            };
+            dead_letters(&store, action)
+        }
         Command::Run {
             config,
             data_dir,
@@ -295,6 +361,85 @@ fn rules_test(
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn dead_letters(args: &StoreArgs, action: ferry_agent::dead_letters::Action) -> ExitCode {
+    use ferry_agent::dead_letters::{render, Outcome};
+    match dead_letter_outcome(args, action) {
+        Ok(outcome) => {
+            let _ = std::io::stdout()
+                .lock()
+                .write_all(render(&outcome).as_bytes());
+            if matches!(outcome, Outcome::NotFound(_)) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("ferry dead-letters: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Asks the running agent, if the config names its admin endpoint and it answers;
+/// else opens the store, which only works while no agent has it open.
+fn dead_letter_outcome(
+    args: &StoreArgs,
+    action: ferry_agent::dead_letters::Action,
+) -> anyhow::Result<ferry_agent::dead_letters::Outcome> {
+    use ferry_agent::dead_letters::{admin_addr, perform, via_admin, ClientError};
+    use ferry_agent::store::StoreError;
+    let loaded = Loaded::from_file(&args.config).map_err(|problems| {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        anyhow::anyhow!(
+            "invalid config: {} problem(s); `ferry check` lists them too",
+            problems.len()
+        )
+    })?;
+    let cfg = &loaded.config;
+    let mut unanswered = None;
+    if let Some(admin) = &cfg.admin {
+        let addr = admin_addr(admin.listen);
+        match via_admin(addr, action) {
+            Ok(outcome) => return Ok(outcome),
+            Err(ClientError::Unreachable { .. }) => unanswered = Some(addr),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let dir = args.data_dir.clone().unwrap_or_else(|| loaded.data_dir());
+    let has_store = dir.join(ferry_agent::store::redb::FILE).exists() || dir.join("conf").exists();
+    if !has_store {
+        anyhow::bail!(
+            "no store in {} (set --data-dir, or agent.data_dir in the config)",
+            dir.display()
+        );
+    }
+    // As `ferry run`: what the store creates stays private.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let store = match ferry_agent::store::open(&dir, &cfg.store, &cfg.sink.names()) {
+        Ok(store) => store,
+        Err(StoreError::InUse(why)) => anyhow::bail!(
+            "{why}, and {}",
+            match unanswered {
+                Some(addr) => format!(
+                    "its admin endpoint at {addr} does not answer: is [admin] listen the running agent's?"
+                ),
+                None => "the config has no [admin] listen to ask it through: add \
+                         `[admin] listen = \"127.0.0.1:9464\"` and restart the agent, \
+                         or stop the agent"
+                    .to_string(),
+            }
+        ),
+        Err(e) => {
+            return Err(anyhow::Error::new(e))
+                .with_context(|| format!("cannot open the store in {}", dir.display()))
+        }
+    };
+    Ok(perform(&store, action)?)
 }
 
 fn run(config: PathBuf, data_dir: Option<PathBuf>) -> anyhow::Result<()> {

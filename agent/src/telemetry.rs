@@ -197,9 +197,13 @@ const MAX_REQUEST: usize = 8 * 1024;
 /// Time a client has to send its request and read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `GET /metrics` on `addr`, and nothing else: other paths get 404, other
-/// methods 405. Must run inside the tokio runtime.
-pub fn serve_metrics(addr: SocketAddr) -> Result<(), MetricsError> {
+/// Serves `GET /metrics` on `addr`, and the dead-letter endpoints of `api`
+/// (see [`crate::dead_letters`]); other paths get 404, other methods 405. Must run
+/// inside the tokio runtime.
+pub fn serve_metrics(
+    addr: SocketAddr,
+    api: Arc<crate::dead_letters::Api>,
+) -> Result<(), MetricsError> {
     let error = |reason: String| MetricsError { addr, reason };
     // Bound here, not in the task, so a port in use stops the start with its reason.
     let listener = std::net::TcpListener::bind(addr)
@@ -210,11 +214,15 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<(), MetricsError> {
         .install_recorder()
         .map_err(|e| error(e.to_string()))?;
     describe();
-    tokio::spawn(accept(listener, handle));
+    tokio::spawn(accept(listener, handle, api));
     Ok(())
 }
 
-async fn accept(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+async fn accept(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    api: Arc<crate::dead_letters::Api>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -230,21 +238,30 @@ async fn accept(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
             debug!(%peer, "too many metrics connections; closing this one");
             continue;
         };
-        let handle = handle.clone();
+        let (handle, api) = (handle.clone(), Arc::clone(&api));
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(error) = tokio::time::timeout(CLIENT_TIMEOUT, respond(stream, &handle)).await
+            // A replay of many dead letters commits them all: give it longer.
+            let limit = CLIENT_TIMEOUT * 6;
+            if let Err(error) =
+                tokio::time::timeout(limit, respond(stream, peer, &handle, &api)).await
             {
-                debug!(%peer, %error, "metrics client too slow; closed");
+                debug!(%peer, %error, "admin client too slow; closed");
             }
         });
     }
 }
 
 /// Reads one request head and answers it, then closes the connection.
-async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) {
+async fn respond(
+    mut stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    handle: &PrometheusHandle,
+    api: &crate::dead_letters::Api,
+) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
+    // The head alone: `/metrics` and the dead-letter endpoints take no body.
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -260,6 +277,21 @@ async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) {
             handle.run_upkeep();
             answer(200, "text/plain; version=0.0.4", &handle.render())
         }
+        Route::DeadLetters { method, path } => {
+            let req = crate::dead_letters::Request {
+                method: &method,
+                path: &path,
+                peer,
+                host: header(&head, "host"),
+                marked: header(&head, crate::dead_letters::HEADER) == Some("1"),
+            };
+            let a = api.handle(&req).await;
+            if a.status == 405 {
+                answer_allowing(405, a.allow, "", "")
+            } else {
+                answer(a.status, "application/json", &a.body)
+            }
+        }
         Route::NotFound => answer(404, "", ""),
         Route::WrongMethod => answer(405, "", ""),
         Route::Bad => answer(400, "", ""),
@@ -268,9 +300,23 @@ async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) {
     let _ = stream.shutdown().await;
 }
 
+/// The value of the first header called `name` (lower case), trimmed.
+fn header<'h>(head: &'h [u8], name: &str) -> Option<&'h str> {
+    head.split(|&b| b == b'\n').skip(1).find_map(|line| {
+        let line = std::str::from_utf8(line).ok()?;
+        let (key, value) = line.split_once(':')?;
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Route {
     Metrics,
+    /// Anything under `/dead-letters`: [`crate::dead_letters::Api`] decides.
+    DeadLetters {
+        method: String,
+        path: String,
+    },
     NotFound,
     WrongMethod,
     Bad,
@@ -293,6 +339,12 @@ fn route(head: &[u8]) -> Route {
     }
     // A scraper may add a query string; it changes nothing.
     let path = target.split('?').next().unwrap_or_default();
+    if path == "/dead-letters" || path.starts_with("/dead-letters/") {
+        return Route::DeadLetters {
+            method: method.to_string(),
+            path: path.to_string(),
+        };
+    }
     match (path, method) {
         ("/metrics", "GET") => Route::Metrics,
         ("/metrics", _) => Route::WrongMethod,
@@ -302,16 +354,24 @@ fn route(head: &[u8]) -> Route {
 
 /// A complete HTTP/1.1 response that closes the connection.
 fn answer(status: u16, content_type: &str, body: &str) -> Vec<u8> {
+    answer_allowing(status, "GET", content_type, body)
+}
+
+/// [`answer`], naming `allow` as the method a 405 wants.
+fn answer_allowing(status: u16, allow: &str, content_type: &str, body: &str) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
-        _ => "Request Header Fields Too Large",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
     };
     let mut out = format!("HTTP/1.1 {status} {reason}\r\nConnection: close\r\n");
     if status == 405 {
-        out.push_str("Allow: GET\r\n");
+        out.push_str(&format!("Allow: {allow}\r\n"));
     }
     if !content_type.is_empty() {
         out.push_str(&format!("Content-Type: {content_type}\r\n"));
@@ -353,7 +413,7 @@ fn describe() {
     );
     d!(
         "ferry_store_dropped_total",
-        "Records the store dropped, by reason."
+        "Records the store dropped, by reason: store_full (removed to make room before a sink that needed them had them), corrupt, too_large, dead_letters_full (the oldest dead letters, to keep the newest)."
     );
     d!(
         "ferry_sink_sent_total",
@@ -366,6 +426,10 @@ fn describe() {
     d!(
         "ferry_sink_dropped_total",
         "Events a sink gave up on, by sink and reason."
+    );
+    metrics::describe_gauge!(
+        "ferry_dead_letters",
+        "Dead letters kept: events an upstream refused for good, or too large for a sink."
     );
     d!(
         "ferry_rule_errors_total",
@@ -475,6 +539,14 @@ mod tests {
             (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", Route::Metrics),
             (b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n", Route::Metrics),
             (b"GET / HTTP/1.1\r\n\r\n", Route::NotFound),
+            (
+                b"POST /dead-letters/3/replay HTTP/1.1\r\n\r\n",
+                Route::DeadLetters {
+                    method: "POST".into(),
+                    path: "/dead-letters/3/replay".into(),
+                },
+            ),
+            (b"GET /dead-lettersx HTTP/1.1\r\n\r\n", Route::NotFound),
             (b"GET /metrics/ HTTP/1.1\r\n\r\n", Route::NotFound),
             (b"GET /../metrics HTTP/1.1\r\n\r\n", Route::NotFound),
             (b"POST /metrics HTTP/1.1\r\n\r\n", Route::WrongMethod),
@@ -491,6 +563,14 @@ mod tests {
                 String::from_utf8_lossy(head)
             );
         }
+    }
+
+    #[test]
+    fn headers_are_found_by_name_whatever_their_case() {
+        let head = b"GET /dead-letters HTTP/1.1\r\nHOST: 127.0.0.1:9\r\nX-Ferry-Admin:1\r\n\r\n";
+        assert_eq!(header(head, "host"), Some("127.0.0.1:9"));
+        assert_eq!(header(head, "x-ferry-admin"), Some("1"));
+        assert_eq!(header(head, "cookie"), None);
     }
 
     #[test]

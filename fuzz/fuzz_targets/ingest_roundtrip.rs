@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
         data: fields.clone(),
         ext: BTreeMap::new(),
         to: None,
+        origin: None,
     };
     let mut alert = record.clone();
     alert.event_type = "com.example.alert".into();

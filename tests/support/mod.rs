@@ -777,6 +777,11 @@ impl Receiver {
         self.state.lock().unwrap().refuse = Some((needle.to_string(), status));
     }
 
+    /// From now on refuse nothing by content (a fixed upstream).
+    pub fn stop_refusing(&self) {
+        self.state.lock().unwrap().refuse = None;
+    }
+
     /// Every request so far, accepted or not.
     pub fn requests(&self) -> Vec<Request> {
         self.state.lock().unwrap().requests.clone()

@@ -70,8 +70,14 @@ impl Event {
                 return Err(invalid(format!("{what} is empty")));
             }
         }
+        // A replayed dead letter is the event it was first sent as: same id, same
+        // sequence, so an upstream that deduplicates on `source` + `id` keeps one.
+        let (epoch, seq) = match &r.origin {
+            Some(o) => (o.epoch.as_str(), o.seq),
+            None => (epoch, stored.seq),
+        };
         let mut extensions = Vec::with_capacity(r.ext.len() + 1);
-        extensions.push(("sequence".to_string(), stored.seq.to_string()));
+        extensions.push(("sequence".to_string(), seq.to_string()));
         // `ext` is a BTreeMap: name order, the same on every resend.
         for (name, value) in &r.ext {
             if !valid_extension_name(name) {
@@ -87,7 +93,7 @@ impl Event {
             extensions.push((name.clone(), value.clone()));
         }
         Ok(Event {
-            id: format!("{epoch}-{}", stored.seq),
+            id: format!("{epoch}-{seq}"),
             source: r.source.clone(),
             ty: r.event_type.clone(),
             subject: r.subject.clone(),
@@ -211,6 +217,7 @@ mod tests {
                 ]
                 .into(),
                 to: None,
+                origin: None,
             },
             bytes: 0,
         }
@@ -221,6 +228,19 @@ mod tests {
         let e = Event::from_stored("abc", &stored()).unwrap();
         assert_eq!(e.id, "abc-42");
         assert_eq!(e.source, "/ferry/gw-1/mqtt/local");
+    }
+
+    #[test]
+    fn a_replayed_dead_letter_keeps_the_id_and_sequence_it_was_first_sent_with() {
+        let mut replay = stored();
+        replay.seq = 900;
+        replay.record.origin = Some(crate::store::EventOrigin {
+            epoch: "old".into(),
+            seq: 42,
+        });
+        let e = Event::from_stored("new", &replay).unwrap();
+        assert_eq!(e.id, "old-42");
+        assert_eq!(e.extensions[0], ("sequence".to_string(), "42".to_string()));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Each sink reads from its own cursor, sends CloudEvents, and advances the cursor
 //! only past what the upstream accepted (2xx, PUBACK, ...) or permanently refused
 //! (counted as dropped with reason `rejected`), and past events it will never send
-//! (over the sink's `max_message`: `too_large`; not a valid CloudEvent: `invalid`). Anything else — refused connections, timeouts,
+//! (over the sink's `max_message`: `too_large`; not a valid CloudEvent: `invalid`).
+//! A refused or too large event is kept as a dead letter first, durably, so an
+//! operator can replay it (`ferry dead-letters`). Anything else — refused connections, timeouts,
 //! 5xx, 429 — is retried with jittered backoff, with the same ids, for as long as it
 //! takes: the store is what absorbs the outage.
 //!
@@ -22,7 +24,7 @@ use tracing::{debug, error, info, warn};
 use super::{Delivery, Event, Sink};
 use crate::backoff::Backoff;
 use crate::ratelimit::RateLimit;
-use crate::store::{Store, StoreError};
+use crate::store::{NewDeadLetter, Store, StoreError};
 
 /// Runs one sink until cancelled. A store error (a failing disk) does not end it:
 /// the sink logs, waits, and starts again from its durable cursor.
@@ -75,7 +77,11 @@ async fn run_sink(
     info!(sink = %name, kind = sink.kind(), cursor, ?max_message, "sink started");
 
     loop {
-        let read = blocking(store, move |s| s.read(cursor, window, window_bytes)).await?;
+        let read = blocking(store, {
+            let name = name.clone();
+            move |s| s.read_for(&name, cursor, window, window_bytes)
+        })
+        .await?;
         let batch = read.records;
         if batch.is_empty() {
             if read.next > cursor {
@@ -104,11 +110,17 @@ async fn run_sink(
         }
 
         let epoch = store.epoch().to_string();
-        // Three parallel lists, so a request is a plain slice of events.
+        // Parallel lists, so a request is a plain slice of events; `at` is each
+        // event's place in `batch`, whose record a refusal keeps as a dead letter.
         let mut seqs: Vec<u64> = Vec::with_capacity(batch.len());
         let mut events: Vec<Event> = Vec::with_capacity(batch.len());
         let mut sizes: Vec<usize> = Vec::with_capacity(batch.len());
-        for stored in batch.iter().filter(|s| s.record.is_for(&name)) {
+        let mut at: Vec<usize> = Vec::with_capacity(batch.len());
+        let mut too_large = Vec::new();
+        for (i, stored) in batch.iter().enumerate() {
+            if !stored.record.is_for(&name) {
+                continue;
+            }
             let event = match Event::from_stored(&epoch, stored) {
                 Ok(e) => e,
                 Err(error) => {
@@ -123,21 +135,25 @@ async fn run_sink(
                     // Refused here, for good: sending it would only earn a refusal
                     // (or, on MQTT, a disconnect) and hold up the events behind it.
                     if let Some(suppressed) = too_large_log.check(Instant::now()) {
-                        warn!(sink = %name, seq = stored.seq, bytes = len, max_message = max, suppressed, "dropping an event larger than the sink's max_message");
+                        warn!(sink = %name, seq = stored.seq, bytes = len, max_message = max, suppressed, "not sending an event larger than the sink's max_message; keeping it as a dead letter");
                     }
                     metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "too_large").increment(1);
+                    too_large.push(dead_letter(&name, stored, "too_large".to_string()));
                     continue;
                 }
             }
             seqs.push(stored.seq);
             events.push(event);
             sizes.push(stored.bytes);
+            at.push(i);
         }
+        // Kept before anything moves the cursor past them (a retry advances past
+        // what went through, which may be beyond them).
+        keep_dead_letters(store, too_large).await?;
 
         // Send the window, then resend from the first failed request until all of it
         // is accepted or refused. A refused batch is resent one event at a time, so
         // one bad event costs only itself.
-        drop(batch);
         let mut done = 0;
         let mut chunk_size = per_request;
         while done < events.len() {
@@ -160,13 +176,19 @@ async fn run_sink(
                 metrics::counter!("ferry_sink_sent_total", "sink" => name.clone())
                     .increment(round.accepted as u64);
             }
+            let mut refused = Vec::new();
             for (i, detail) in &round.refused {
                 let (first, chunk) = chunks[*i];
                 if let Some(suppressed) = refusal_log.check(Instant::now()) {
-                    warn!(sink = %name, events = chunk.len(), first_seq = seqs[first], %detail, suppressed, "upstream refused events permanently; dropping them");
+                    warn!(sink = %name, events = chunk.len(), first_seq = seqs[first], %detail, suppressed, "upstream refused events permanently; keeping them as dead letters");
                 }
                 metrics::counter!("ferry_sink_dropped_total", "sink" => name.clone(), "reason" => "rejected").increment(chunk.len() as u64);
+                for j in first..first + chunk.len() {
+                    refused.push(dead_letter(&name, &batch[at[j]], detail.clone()));
+                }
             }
+            // Durable before the cursor can move past them.
+            keep_dead_letters(store, refused).await?;
             done += round.handled;
             match round.next {
                 Next::Continue => {}
@@ -313,6 +335,25 @@ pub fn settle(chunk_lens: &[usize], results: Vec<Delivery>) -> Round {
 pub fn retry_delay(backoff: Duration, retry_after: Option<Duration>) -> Duration {
     const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
     retry_after.map_or(backoff, |a| backoff.max(a.min(MAX_RETRY_AFTER)))
+}
+
+fn dead_letter(sink: &str, stored: &crate::store::Stored, reason: String) -> NewDeadLetter {
+    NewDeadLetter {
+        sink: sink.to_string(),
+        seq: stored.seq,
+        record: stored.record.clone(),
+        reason,
+    }
+}
+
+async fn keep_dead_letters(
+    store: &Arc<dyn Store>,
+    letters: Vec<NewDeadLetter>,
+) -> Result<(), StoreError> {
+    if letters.is_empty() {
+        return Ok(());
+    }
+    blocking(store, move |s| s.add_dead_letters(letters)).await
 }
 
 async fn advance(store: &Arc<dyn Store>, name: &str, to: u64) -> Result<(), StoreError> {

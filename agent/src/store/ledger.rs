@@ -13,12 +13,21 @@
 //! - `c:` + sink name: that sink's cursor;
 //! - `m:rule_files`: the files of the last rule set that compiled, to start with
 //!   when the rule files are broken after a reboot;
-//! - `q:` + sequence: a record that could not be decoded, kept for inspection.
+//! - `q:` + sequence: a record that could not be decoded, kept for inspection;
+//! - `x:` + id: a dead letter, an event an upstream refused for good, kept for an
+//!   operator ([`dead_letters`]); `m:dead_next`: the next dead-letter id.
 //!
 //! An append is one durable batch: records, next sequence, statistics and rule
 //! state together, on stable storage before it returns, because callers acknowledge
 //! input to producers on its return. Cursor moves and the trims they allow are not
 //! durable on their own: after a crash a sink re-sends a little, with the same ids.
+//!
+//! `drop_oldest` is counted exactly ([`holds`]): a record a sink has read and is
+//! still sending when it is removed to make room is counted dropped only if that
+//! sink gives it up, never when it delivers it.
+
+mod dead_letters;
+mod holds;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -28,8 +37,8 @@ use tracing::{error, info};
 
 use super::backend::{prefix_end, Backend, Batch};
 use super::{
-    overflow, trim_point, Appended, Read, Record, SavedState, StateWrite, Stats, Store,
-    StoreConfig, StoreError, Stored, WhenFull,
+    overflow, trim_point, Appended, DeadLetter, NewDeadLetter, Read, Record, Replayed, SavedState,
+    StateWrite, Stats, Store, StoreConfig, StoreError, Stored, WhenFull,
 };
 
 const NEXT: &[u8] = b"m:next";
@@ -99,6 +108,9 @@ pub struct Ledger {
     max_bytes: u64,
     /// [`COMPACT_ABOVE`], but for tests.
     compact_above: u64,
+    /// `store.dead_letters_max` and `dead_letters_max_bytes`.
+    dead_max: usize,
+    dead_max_bytes: u64,
     state: Mutex<State>,
 }
 
@@ -114,6 +126,10 @@ struct State {
     /// and a directory read, too much for every advance that empties the store,
     /// and the files only grow by appending.
     appended_since_size_check: u64,
+    /// What each sink has read and not yet settled, for exact `drop_oldest` counts.
+    holds: holds::Holds,
+    /// The dead letters kept.
+    dead: dead_letters::Index,
 }
 
 impl Ledger {
@@ -166,12 +182,15 @@ impl Ledger {
         if !setup.is_empty() {
             backend.commit(setup)?;
         }
+        let dead = dead_letters::Index::load(backend.as_ref())?;
+        dead_letters::gauge(dead.count());
         info!(
             backend = backend.name(),
             records = stats.records,
             bytes = stats.bytes,
             head = stats.head,
             next = stats.next,
+            dead_letters = dead.count(),
             "store opened"
         );
         let ledger = Self {
@@ -180,11 +199,15 @@ impl Ledger {
             when_full: cfg.when_full,
             max_bytes: cfg.max_bytes.0,
             compact_above: COMPACT_ABOVE,
+            dead_max: cfg.dead_letters_max,
+            dead_max_bytes: cfg.dead_letters_max_bytes.0,
             state: Mutex::new(State {
                 stats,
                 cursors,
                 compacted_at: None,
                 appended_since_size_check: u64::MAX,
+                holds: holds::Holds::default(),
+                dead,
             }),
         };
         ledger.trim(&mut ledger.lock(), Batch::lazy())?;
@@ -370,6 +393,7 @@ impl Store for Ledger {
         let mut stats = st.stats;
         let mut batch = Batch::durable();
         let mut dropped = 0;
+        let mut removed = Vec::new();
         let excess = overflow(st.stats.bytes, incoming, self.max_bytes);
         if excess > 0 {
             // Even an empty store has no room for it: refuse it whole, rather than
@@ -389,8 +413,9 @@ impl Store for Ledger {
                     })
                 }
                 WhenFull::DropOldest => {
-                    let next = stats.next;
+                    let (next, head) = (stats.next, stats.head);
                     dropped = self.remove_head(&mut stats, next, excess, &mut batch)?;
+                    removed = self.needers(&st, head, stats.head)?;
                 }
             }
         }
@@ -423,6 +448,9 @@ impl Store for Ledger {
 
         st.stats = stats;
         st.appended_since_size_check = st.appended_since_size_check.saturating_add(incoming);
+        count_store_full(removed.into_iter().fold(0, |n, (seq, needers)| {
+            n + u64::from(st.holds.removed(seq, needers))
+        }));
         Ok(Appended { first, dropped })
     }
 
@@ -494,6 +522,7 @@ impl Store for Ledger {
         let mut batch = Batch::lazy();
         batch.put(cursor_key(sink), to.to_be_bytes());
         st.cursors.insert(sink.to_string(), to);
+        st.holds.advance(sink, to);
         self.trim(&mut st, batch)
     }
 
@@ -503,6 +532,102 @@ impl Store for Ledger {
 
     fn epoch(&self) -> &str {
         &self.epoch
+    }
+
+    fn read_for(
+        &self,
+        sink: &str,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Read, StoreError> {
+        let mut read = self.read(from, max, max_bytes)?;
+        let mut st = self.lock();
+        // Removed to make room after the scan, while the sink held nothing: they
+        // were counted dropped then, so the sink must not send them.
+        let head = st.stats.head;
+        read.records.retain(|r| r.seq >= head);
+        let lost = st.holds.read(sink, from, read.next);
+        drop(st);
+        count_store_full(lost);
+        Ok(read)
+    }
+
+    fn add_dead_letters(&self, letters: Vec<NewDeadLetter>) -> Result<(), StoreError> {
+        self.add_dead(letters)
+    }
+
+    fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.list_dead()
+    }
+
+    fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
+        self.get_dead(id)
+    }
+
+    fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<Replayed, StoreError> {
+        self.replay_dead(ids)
+    }
+
+    fn purge_dead_letters(&self, ids: Option<&[u64]>) -> Result<u64, StoreError> {
+        self.purge_dead(ids)
+    }
+
+    fn dead_letter_count(&self) -> u64 {
+        self.dead_count()
+    }
+}
+
+/// Counts records `drop_oldest` removed before a sink that needed them had them.
+fn count_store_full(n: u64) {
+    if n > 0 {
+        metrics::counter!("ferry_store_dropped_total", "reason" => "store_full").increment(n);
+    }
+}
+
+/// Only the record's target list, read without the rest of it.
+#[derive(serde::Deserialize)]
+struct Targets {
+    #[serde(default)]
+    to: Option<Vec<String>>,
+}
+
+impl Ledger {
+    /// For each record in `from..to` (about to be removed to make room), the
+    /// sinks it was for that had not moved past it.
+    fn needers(
+        &self,
+        st: &State,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Vec<String>)>, StoreError> {
+        let mut out = Vec::new();
+        if to <= from {
+            return Ok(out);
+        }
+        self.backend
+            .scan(&event_key(from), &event_key(to), &mut |k, v| {
+                let Some(seq) = seq_of(k) else { return true };
+                // A record whose targets cannot be read counts as for every sink.
+                let to = serde_json::from_slice::<Targets>(v).ok().and_then(|t| t.to);
+                let needers = st
+                    .cursors
+                    .iter()
+                    .filter(|(sink, cursor)| {
+                        **cursor <= seq && to.as_ref().is_none_or(|to| to.contains(sink))
+                    })
+                    .map(|(sink, _)| sink.clone())
+                    .collect();
+                out.push((seq, needers));
+                true
+            })?;
+        Ok(out)
+    }
+
+    /// Records counted dropped (`store_full`) so far (tests).
+    #[cfg(test)]
+    pub fn counted_store_full(&self) -> u64 {
+        self.lock().holds.counted
     }
 }
 
@@ -524,6 +649,7 @@ mod tests {
             data: json!({ "i": i, "pad": "x".repeat(pad) }),
             ext: Default::default(),
             to: None,
+            origin: None,
         }
     }
 
@@ -533,6 +659,7 @@ mod tests {
             max_bytes: Bytes(max),
             when_full,
             cache_capacity: Bytes(1 << 20),
+            ..StoreConfig::default()
         }
     }
 
@@ -568,6 +695,11 @@ mod tests {
         an_emptied_store_gives_its_disk_space_back_and_keeps_ids_cursors_and_rule_state,
         a_batch_larger_than_the_whole_store_is_refused_and_leaves_the_store_as_it_was,
         statistics_are_kept_so_an_open_need_not_read_the_backlog,
+        a_record_a_sink_is_sending_when_drop_oldest_removes_it_is_counted_only_if_never_delivered,
+        a_dead_letter_is_kept_once_per_sink_and_record_and_survives_a_reopen,
+        dead_letters_over_their_bound_make_room_by_dropping_the_oldest,
+        a_replayed_dead_letter_is_stored_again_for_its_sink_only_with_its_first_id,
+        purge_removes_one_dead_letter_or_all_and_ids_are_never_reused,
     );
 
     fn sinks(names: &[&str]) -> Vec<String> {
@@ -964,6 +1096,165 @@ mod tests {
         let s = open(dir.path(), &c, &["a"]);
         assert_eq!(s.stats(), before);
         assert_eq!((before.records, before.head, before.next), (2, 1, 3));
+    }
+
+    fn a_record_a_sink_is_sending_when_drop_oldest_removes_it_is_counted_only_if_never_delivered(
+        kind: BackendKind,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), &cfg(kind, 10_000, WhenFull::DropOldest), &["a"]);
+        s.append(&[record(0, 1000)], &StateWrite::default())
+            .unwrap();
+        // The sink reads record 0 and is sending it (an outage: it retries).
+        let held = s.read_for("a", 0, 1, usize::MAX).unwrap();
+        assert_eq!(held.records.len(), 1);
+        let mut removed = 0;
+        for i in 1..30 {
+            removed += s
+                .append(&[record(i, 1000)], &StateWrite::default())
+                .unwrap()
+                .dropped;
+        }
+        assert!(removed > 1, "the store never filled");
+        // Record 0 went with the others, but the sink still has it: not counted.
+        assert_eq!(s.counted_store_full(), removed - 1);
+        // The upstream takes it: delivered, and never counted.
+        s.advance("a", held.next).unwrap();
+        let rest = s
+            .read_for("a", s.cursor("a").unwrap(), 100, usize::MAX)
+            .unwrap();
+        assert_eq!(s.counted_store_full(), removed - 1);
+        // Every record is delivered (0), counted, or still stored: once each.
+        assert_eq!(1 + s.counted_store_full() + rest.records.len() as u64, 30);
+
+        // A sink that gives up a record it held (a restart: it reads again from
+        // its cursor) has it counted then.
+        let head = s.cursor("a").unwrap();
+        s.read_for("a", head, 1, usize::MAX).unwrap();
+        let before = s.counted_store_full();
+        for i in 30..45 {
+            s.append(&[record(i, 1000)], &StateWrite::default())
+                .unwrap();
+        }
+        let newly = s.counted_store_full() - before;
+        s.read_for("a", s.cursor("a").unwrap(), 100, usize::MAX)
+            .unwrap();
+        assert_eq!(s.counted_store_full() - before, newly + 1);
+    }
+
+    fn dead(sink: &str, seq: u64, pad: usize) -> NewDeadLetter {
+        NewDeadLetter {
+            sink: sink.into(),
+            seq,
+            record: record(seq, pad),
+            reason: "HTTP 422".into(),
+        }
+    }
+
+    fn dead_ids(s: &Ledger) -> Vec<u64> {
+        s.dead_letters().unwrap().iter().map(|d| d.id).collect()
+    }
+
+    fn a_dead_letter_is_kept_once_per_sink_and_record_and_survives_a_reopen(kind: BackendKind) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(kind, 1 << 30, WhenFull::DropOldest);
+        let epoch;
+        {
+            let s = open(dir.path(), &c, &["a", "b"]);
+            epoch = s.epoch().to_string();
+            s.add_dead_letters(vec![dead("a", 4, 10), dead("b", 4, 10)])
+                .unwrap();
+            // The same refusal again (resent after a crash before the cursor moved).
+            s.add_dead_letters(vec![dead("a", 4, 10)]).unwrap();
+            assert_eq!(s.dead_letter_count(), 2);
+        }
+        let s = open(dir.path(), &c, &["a", "b"]);
+        let kept = s.dead_letters().unwrap();
+        assert_eq!(kept.len(), 2);
+        assert_eq!((kept[0].id, kept[0].sink.as_str()), (0, "a"));
+        assert_eq!(kept[0].origin.event_id(), format!("{epoch}-4"));
+        assert_eq!(kept[0].reason, "HTTP 422");
+        assert_eq!(kept[0].record.subject, "d4");
+        assert_eq!(s.dead_letter(1).unwrap().unwrap().sink, "b");
+        assert_eq!(s.dead_letter(9).unwrap(), None);
+    }
+
+    fn dead_letters_over_their_bound_make_room_by_dropping_the_oldest(kind: BackendKind) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(kind, 1 << 30, WhenFull::DropOldest);
+        c.dead_letters_max = 3;
+        c.dead_letters_max_bytes = Bytes(4_000);
+        let s = open(dir.path(), &c, &["a"]);
+        for seq in 0..5 {
+            s.add_dead_letters(vec![dead("a", seq, 10)]).unwrap();
+        }
+        assert_eq!(dead_ids(&s), [2, 3, 4], "the count bound keeps the newest");
+        s.add_dead_letters(vec![dead("a", 5, 3_300)]).unwrap();
+        assert_eq!(dead_ids(&s), [4, 5], "the byte bound keeps the newest");
+        // One larger than the whole area is not kept, and takes nothing with it.
+        s.add_dead_letters(vec![dead("a", 6, 5_000)]).unwrap();
+        assert_eq!(dead_ids(&s), [4, 5]);
+    }
+
+    fn a_replayed_dead_letter_is_stored_again_for_its_sink_only_with_its_first_id(
+        kind: BackendKind,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(kind, 1 << 30, WhenFull::DropOldest);
+        let s = open(dir.path(), &c, &["a", "b"]);
+        s.append(&[record(0, 0), record(1, 0)], &StateWrite::default())
+            .unwrap();
+        let refused = s.read(1, 1, usize::MAX).unwrap().records.remove(0);
+        s.add_dead_letters(vec![NewDeadLetter {
+            sink: "b".into(),
+            seq: 1,
+            record: refused.record.clone(),
+            reason: "too_large".into(),
+        }])
+        .unwrap();
+        s.advance("a", 2).unwrap();
+        s.advance("b", 2).unwrap();
+        let r = s.replay_dead_letters(None).unwrap();
+        assert_eq!(r.replayed, [(0, 2)]);
+        assert_eq!(s.dead_letter_count(), 0);
+        let again = s.read(2, 10, usize::MAX).unwrap().records;
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].record.to, Some(vec!["b".to_string()]));
+        let origin = again[0].record.origin.clone().unwrap();
+        assert_eq!((origin.epoch.as_str(), origin.seq), (s.epoch(), 1));
+        assert_eq!(again[0].record.data, refused.record.data);
+        // Refused again: kept again, with the id it was first sent with.
+        s.add_dead_letters(vec![NewDeadLetter {
+            sink: "b".into(),
+            seq: 2,
+            record: again[0].record.clone(),
+            reason: "HTTP 400".into(),
+        }])
+        .unwrap();
+        assert_eq!(s.dead_letter(1).unwrap().unwrap().origin, origin);
+        // A dead letter whose sink is gone stays; a missing one is reported.
+        drop(s);
+        let s = open(dir.path(), &c, &["a"]);
+        let r = s.replay_dead_letters(Some(&[1, 7])).unwrap();
+        assert_eq!((r.unknown_sink, r.missing), (vec![1], vec![7]));
+        assert_eq!(s.dead_letter_count(), 1);
+    }
+
+    fn purge_removes_one_dead_letter_or_all_and_ids_are_never_reused(kind: BackendKind) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(kind, 1 << 30, WhenFull::DropOldest);
+        {
+            let s = open(dir.path(), &c, &["a"]);
+            s.add_dead_letters(vec![dead("a", 0, 0), dead("a", 1, 0), dead("a", 2, 0)])
+                .unwrap();
+            assert_eq!(s.purge_dead_letters(Some(&[1, 9])).unwrap(), 1);
+            assert_eq!(dead_ids(&s), [0, 2]);
+            assert_eq!(s.purge_dead_letters(None).unwrap(), 2);
+            assert_eq!(s.dead_letter_count(), 0);
+        }
+        let s = open(dir.path(), &c, &["a"]);
+        s.add_dead_letters(vec![dead("a", 3, 0)]).unwrap();
+        assert_eq!(dead_ids(&s), [3]);
     }
 
     impl Record {

@@ -85,6 +85,7 @@ mod tests {
             data: serde_json::json!({ "i": i }),
             ext: Default::default(),
             to: None,
+            origin: None,
         }
     }
 

@@ -12,6 +12,7 @@
 //! pure functions in this file.
 
 pub mod backend;
+pub mod dead_letter;
 mod fs;
 pub mod ledger;
 mod migrate;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::{problem, Bytes, Problem};
+pub use dead_letter::{DeadLetter, EventOrigin, NewDeadLetter, Replayed};
 
 /// `[store]`
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +54,21 @@ pub struct StoreConfig {
     /// (docs/BENCHMARKS.md).
     #[serde(default = "default_cache")]
     pub cache_capacity: Bytes,
+    /// Dead letters kept (events an upstream refused for good); when more come,
+    /// the oldest go (counted as `dead_letters_full`). 0 keeps none. Default 1000.
+    #[serde(default = "default_dead_letters_max")]
+    pub dead_letters_max: usize,
+    /// Bytes of dead letters kept, on top of `max_bytes`. Default 16MiB.
+    #[serde(default = "default_dead_letters_max_bytes")]
+    pub dead_letters_max_bytes: Bytes,
+}
+
+fn default_dead_letters_max() -> usize {
+    1000
+}
+
+fn default_dead_letters_max_bytes() -> Bytes {
+    Bytes(16 * 1024 * 1024)
 }
 
 fn default_max_bytes() -> Bytes {
@@ -72,6 +89,8 @@ impl Default for StoreConfig {
             max_bytes: default_max_bytes(),
             when_full: WhenFull::default(),
             cache_capacity: default_cache(),
+            dead_letters_max: default_dead_letters_max(),
+            dead_letters_max_bytes: default_dead_letters_max_bytes(),
         }
     }
 }
@@ -91,6 +110,18 @@ impl StoreConfig {
             out.push(problem!(
                 ["store", "cache_capacity"],
                 "store.cache_capacity must be at least 64KiB"
+            ));
+        }
+        if self.dead_letters_max > 1_000_000 {
+            out.push(problem!(
+                ["store", "dead_letters_max"],
+                "store.dead_letters_max must be at most 1000000"
+            ));
+        }
+        if self.dead_letters_max_bytes.0 > 1024 * 1024 * 1024 {
+            out.push(problem!(
+                ["store", "dead_letters_max_bytes"],
+                "store.dead_letters_max_bytes must be at most 1GiB"
             ));
         }
         out
@@ -158,6 +189,11 @@ pub struct Record {
     /// Only these sinks get the record; `None` means every sink.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<Vec<String>>,
+    /// Set on a replayed dead letter: the epoch and sequence of the record's
+    /// first commit, which make its CloudEvents `id` and `sequence`, so the
+    /// replay is the same event to the upstream. `None`: its own position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<EventOrigin>,
 }
 
 impl Record {
@@ -176,6 +212,7 @@ impl Record {
             data: alert.data,
             ext,
             to: alert.to,
+            origin: None,
         }
     }
 
@@ -223,6 +260,10 @@ pub enum StoreError {
     Io(String),
     #[error("storage error: {0}")]
     Backend(String),
+    /// Another process (a running agent) has the store open. Not damage: the
+    /// store is fine, it is only taken.
+    #[error("{0}")]
+    InUse(String),
     #[error("a stored record cannot be read: {0}")]
     Corrupt(String),
 }
@@ -259,7 +300,9 @@ pub struct SavedState {
 pub struct Appended {
     /// Sequence of the first record of the batch.
     pub first: u64,
-    /// Records removed to make room (`drop_oldest`).
+    /// Records removed to make room (`drop_oldest`). The store counts them in
+    /// `ferry_store_dropped_total{reason="store_full"}` itself, as they are lost:
+    /// one a sink was still sending is counted only if it is never delivered.
     pub dropped: u64,
 }
 
@@ -305,6 +348,36 @@ pub trait Store: Send + Sync + 'static {
     /// A value fixed when the store was created; part of every event id so ids stay
     /// unique if the store is ever recreated.
     fn epoch(&self) -> &str;
+
+    /// [`Store::read`] for `sink`, which holds what it gets until it advances past
+    /// it: a record `drop_oldest` removes meanwhile is counted dropped only if the
+    /// sink gives it up unsent (it reads again without advancing past it, as after
+    /// a restart), never if it delivers it. A record removed between the scan and
+    /// this call (already counted) is left out of what it returns.
+    fn read_for(
+        &self,
+        sink: &str,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Read, StoreError>;
+
+    /// Keeps events an upstream refused for good, durably, before the sink moves
+    /// its cursor past them. An event already kept for the same sink and sequence
+    /// (resent after a crash) is not kept twice. Over the bound, the oldest dead
+    /// letters go, counted as `dead_letters_full`.
+    fn add_dead_letters(&self, letters: Vec<NewDeadLetter>) -> Result<(), StoreError>;
+    /// Every dead letter, oldest first.
+    fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError>;
+    /// One dead letter by its id.
+    fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError>;
+    /// Appends the dead letters `ids` (all with `None`) again, each for its sink
+    /// only and with the CloudEvents id it was first sent with, then removes them.
+    fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<Replayed, StoreError>;
+    /// Removes the dead letters `ids` (all with `None`); returns how many went.
+    fn purge_dead_letters(&self, ids: Option<&[u64]>) -> Result<u64, StoreError>;
+    /// How many dead letters are kept.
+    fn dead_letter_count(&self) -> u64;
 }
 
 /// How much must go for `incoming` bytes to fit: 0 when it fits.
@@ -362,6 +435,7 @@ mod tests {
             data: Value::Null,
             ext: BTreeMap::new(),
             to: None,
+            origin: None,
         };
         assert!(r.is_for("cloud"));
         r.to = Some(vec!["phone".into()]);

@@ -55,6 +55,7 @@ fn record(n: u64, pad: usize) -> Record {
         data: serde_json::json!({ "n": n, "pad": "x".repeat(pad) }),
         ext: Default::default(),
         to: None,
+        origin: None,
     }
 }
 
@@ -134,6 +135,7 @@ fn open(kind: BackendKind, dir: &Path, when_full: WhenFull) -> impl Store {
         max_bytes: Bytes(MAX_BYTES),
         when_full,
         cache_capacity: Bytes(1 << 20),
+        ..StoreConfig::default()
     };
     let sinks: Vec<String> = SINKS.iter().map(|s| s.to_string()).collect();
     super::open(dir, &cfg, &sinks).expect("the store opens")

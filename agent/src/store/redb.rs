@@ -101,7 +101,7 @@ fn open_database(path: &Path, cache_capacity: u64) -> Result<Database, StoreErro
         .set_check_integrity_on_open(true)
         .create(path)
         .map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(format!(
                 "{} is in use by another ferry process (one agent per data_dir)",
                 dir.display()
             )),

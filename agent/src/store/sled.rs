@@ -160,7 +160,7 @@ fn open_db(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
                 if std::time::Instant::now() >= deadline {
-                    return Err(StoreError::Backend(format!(
+                    return Err(StoreError::InUse(format!(
                         "{} is in use by another ferry process (one agent per data_dir)",
                         dir.display()
                     )));
@@ -244,6 +244,7 @@ mod tests {
             data: serde_json::json!({ "i": 0 }),
             ext: Default::default(),
             to: None,
+            origin: None,
         }
     }
 

@@ -69,6 +69,7 @@ mod tests {
                 data: json!({"temperature": -12.5}),
                 ext: [("rule".to_string(), "freezer warm".to_string())].into(),
                 to: None,
+                origin: None,
             },
             bytes: 0,
         };
