@@ -13,10 +13,14 @@
 //! with an error, which the store answers by quarantining it, instead of being
 //! trusted and failing later.
 
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
-use redb::{Database, Durability, ReadableDatabase, TableDefinition, TableError};
+use redb::{
+    BackendError, Builder, Database, Durability, ReadableDatabase, StorageBackend, TableDefinition,
+    TableError,
+};
 
 use super::backend::{Backend, Batch, Op};
 use super::fs::create_private_dir;
@@ -35,7 +39,22 @@ fn backend(e: impl Into<redb::Error>) -> StoreError {
 pub struct RedbBackend {
     /// Behind a lock only because compaction needs the database to itself.
     db: RwLock<Database>,
-    path: PathBuf,
+    /// Where the database lives, for its size on disk.
+    location: Location,
+}
+
+enum Location {
+    File(PathBuf),
+    Storage(Arc<dyn StorageBackend>),
+}
+
+/// The settings every store is opened with, whatever holds its bytes.
+fn builder(cache_capacity: u64) -> Builder {
+    let mut builder = Database::builder();
+    builder
+        .set_cache_size(usize::try_from(cache_capacity).unwrap_or(usize::MAX))
+        .set_check_integrity_on_open(true);
+    builder
 }
 
 impl RedbBackend {
@@ -43,24 +62,38 @@ impl RedbBackend {
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
         create_private_dir(dir)?;
         let path = dir.join(FILE);
-        let db = Database::builder()
-            .set_cache_size(usize::try_from(cache_capacity).unwrap_or(usize::MAX))
-            .set_check_integrity_on_open(true)
-            .create(&path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
-                    "{} is in use by another ferry process (one agent per data_dir)",
-                    dir.display()
-                )),
-                other => backend(other),
-            })?;
+        let db = builder(cache_capacity).create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+                "{} is in use by another ferry process (one agent per data_dir)",
+                dir.display()
+            )),
+            other => backend(other),
+        })?;
+        Self::with_table(db, Location::File(path))
+    }
+
+    /// Opens (or creates) the store held by `storage` instead of a file, with the
+    /// same settings as [`RedbBackend::open`]: what the power-cut simulation runs
+    /// the real store on, recording every write and sync it makes.
+    pub fn on_storage(
+        storage: impl StorageBackend,
+        cache_capacity: u64,
+    ) -> Result<Self, StoreError> {
+        let storage: Arc<dyn StorageBackend> = Arc::new(storage);
+        let db = builder(cache_capacity)
+            .create_with_backend(Shared(Arc::clone(&storage)))
+            .map_err(backend)?;
+        Self::with_table(db, Location::Storage(storage))
+    }
+
+    fn with_table(db: Database, location: Location) -> Result<Self, StoreError> {
         // The table exists from here on, so reads need not tell "no table" apart.
         let tx = db.begin_write().map_err(backend)?;
         tx.open_table(TABLE).map_err(backend)?;
         tx.commit().map_err(backend)?;
         Ok(Self {
             db: RwLock::new(db),
-            path,
+            location,
         })
     }
 
@@ -139,9 +172,11 @@ impl Backend for RedbBackend {
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        std::fs::metadata(&self.path)
-            .map(|m| m.len())
-            .map_err(|e| StoreError::Backend(e.to_string()))
+        match &self.location {
+            Location::File(path) => std::fs::metadata(path).map(|m| m.len()),
+            Location::Storage(storage) => storage.len(),
+        }
+        .map_err(|e| StoreError::Backend(e.to_string()))
     }
 
     /// redb reuses freed pages but keeps the file's length; compaction moves the
@@ -150,5 +185,63 @@ impl Backend for RedbBackend {
         let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
         db.compact().map_err(backend)?;
         Ok(())
+    }
+}
+
+/// A storage redb owns while the backend still asks it for its length.
+#[derive(Debug)]
+struct Shared(Arc<dyn StorageBackend>);
+
+impl StorageBackend for Shared {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+
+    fn close(&self) -> std::io::Result<()> {
+        self.0.close()
+    }
+
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_range(start, end)
+    }
+
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.unlock_range(start, end)
+    }
+
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.query_lock_range(start, end)
     }
 }
