@@ -47,6 +47,9 @@ const SINKS: [&str; 2] = ["cloud", "archive"];
 /// Small, so that `drop_oldest` fills happen.
 const MAX_BYTES: u64 = 24_000;
 const CACHE: u64 = 256 * 1024;
+/// An emptied store whose file is larger than this is compacted (at most once per
+/// start), so cuts land in compactions too.
+const COMPACT_ABOVE: u64 = 64 * 1024;
 
 /// One call the store made to its storage.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,7 +218,9 @@ fn sinks() -> Vec<String> {
 
 fn open(storage: Recording) -> Result<Ledger, String> {
     let backend = RedbBackend::on_storage(storage, CACHE).map_err(|e| e.to_string())?;
-    Ledger::open(Box::new(backend), &cfg(), &sinks()).map_err(|e| e.to_string())
+    Ledger::open(Box::new(backend), &cfg(), &sinks())
+        .map(|l| l.with_compact_above(COMPACT_ABOVE))
+        .map_err(|e| e.to_string())
 }
 
 fn reading(n: u64, pad: usize) -> Record {
@@ -265,6 +270,8 @@ struct History {
     created: usize,
     fills: u64,
     restarts: u64,
+    /// Times the file was made shorter (a compaction, or redb trimming free space at its end).
+    shrinks: usize,
 }
 
 /// Runs the agent-like workload until the log offers `points` cut points.
@@ -293,6 +300,7 @@ fn workload(seed: u64, points: usize, syncs: Syncs) -> History {
         created: storage.mark(),
         fills: 0,
         restarts: 0,
+        shrinks: 0,
     };
     let mut present: Vec<u64> = Vec::new();
     let mut n = 0u64;
@@ -353,6 +361,17 @@ fn workload(seed: u64, points: usize, syncs: Syncs) -> History {
                 ack,
                 value: s.rules_state().expect("the rule state reads back"),
             });
+        } else if roll < 53 {
+            // Both sinks catch up after an outage: the store empties, and its file
+            // is compacted.
+            for sink in SINKS {
+                let to = s.stats().next;
+                s.advance(sink, to).expect("a cursor moves");
+                h.advances
+                    .entry(sink.to_string())
+                    .or_default()
+                    .push((start, to));
+            }
         } else if roll < 85 {
             // A sink delivers what it reads and moves past it (a lazy commit).
             let sink = SINKS[usize::from(roll >= 72)];
@@ -395,6 +414,13 @@ fn workload(seed: u64, points: usize, syncs: Syncs) -> History {
     }
     drop(store);
     h.log = std::mem::take(&mut storage.disk().log);
+    let mut len = 0;
+    for op in &h.log {
+        if let Io::SetLen(to) = op {
+            h.shrinks += usize::from(*to < len);
+            len = *to;
+        }
+    }
     h
 }
 
@@ -643,6 +669,7 @@ struct Report {
     records: usize,
     fills: u64,
     restarts: u64,
+    shrinks: usize,
     refusals: BTreeMap<String, usize>,
     /// Refusals of images cut after the store's creation was acknowledged: the
     /// agent could not start again on a store that held acknowledged readings.
@@ -655,8 +682,9 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} storage calls ({} syncs), {} records appended, {} fills, {} restarts",
-            self.log_ops, self.syncs, self.records, self.fills, self.restarts
+            "{} storage calls ({} syncs), {} records appended, {} fills, {} restarts, \
+             the file shrank {} times",
+            self.log_ops, self.syncs, self.records, self.fills, self.restarts, self.shrinks
         )?;
         writeln!(
             f,
@@ -726,6 +754,7 @@ fn simulate(syncs: Syncs, points: usize) -> Report {
         records: h.records.len(),
         fills: h.fills,
         restarts: h.restarts,
+        shrinks: h.shrinks,
         ..Report::default()
     };
 
@@ -792,7 +821,10 @@ fn every_reading_acknowledged_before_a_power_cut_is_there_after_it() {
         env_or("FERRY_POWER_CUT_POINTS", DEFAULT_POINTS),
     );
     println!("power cut, redb:\n{report}");
-    assert!(report.fills > 0 && report.restarts > 0, "{report}");
+    assert!(
+        report.fills > 0 && report.restarts > 0 && report.shrinks > 0,
+        "{report}"
+    );
     assert!(report.acknowledged_checked > 0, "{report}");
     // Only a cut while the store's file is first created may leave a file redb
     // refuses ("not a redb database"): nothing was acknowledged yet.
