@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use tracing::warn;
+
 use super::StoreError;
 
 pub fn io_error(e: std::io::Error) -> StoreError {
@@ -37,15 +39,33 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Creates the store directory readable by its owner only: readings can be private.
+/// The entries of the directories it made are synced too, so the store in them
+/// cannot vanish at a power cut.
 pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if dir.exists() {
         return Ok(());
     }
+    let made: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))
+        .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
+    for d in made {
+        let parent = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        // Not ours, and perhaps not readable: the store works without it, only a
+        // power cut right after this first start could take the new directory.
+        if let Err(error) = sync_dir(parent) {
+            warn!(dir = %parent.display(), %error, "cannot sync the directory the store directory was created in");
+        }
+    }
+    Ok(())
 }

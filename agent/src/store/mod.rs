@@ -18,6 +18,8 @@ pub mod ledger;
 mod migrate;
 #[cfg(test)]
 mod model_test;
+#[cfg(test)]
+mod power_cut_test;
 pub mod redb;
 pub mod sled;
 

@@ -7,19 +7,26 @@
 //! back to the previous one whole. A lazy batch (`Durability::None`) becomes durable
 //! with the next durable one, or is lost whole at a crash. Its page cache is the
 //! configured `cache_capacity`, and stored values are not otherwise held in memory.
+//! A new file's directory entry is synced before its first commit returns. The
+//! power-cut simulation (`power_cut_test.rs`) checks, on redb's own writes and
+//! syncs, that a commit survives a power cut once it has returned.
 //!
 //! redb runs its integrity check (every page's checksum) on every open, not only
 //! after a crash: a file changed by something else than redb then fails to open
 //! with an error, which the store answers by quarantining it, instead of being
 //! trusted and failing later.
 
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
-use redb::{Database, Durability, ReadableDatabase, TableDefinition, TableError};
+use redb::{
+    BackendError, Builder, Database, Durability, ReadableDatabase, StorageBackend, TableDefinition,
+    TableError,
+};
 
 use super::backend::{Backend, Batch, Op};
-use super::fs::create_private_dir;
+use super::fs::{create_private_dir, sync_dir};
 use super::StoreError;
 
 /// The file in the data directory.
@@ -43,8 +50,23 @@ pub struct RedbBackend {
     /// failed write closes it to open it again (`None` in between, or while the
     /// disk is too full to open it).
     db: RwLock<Option<Database>>,
-    path: PathBuf,
+    /// Where the database lives, to open it again and for its size on disk.
+    location: Location,
     cache_capacity: u64,
+}
+
+enum Location {
+    File(PathBuf),
+    Storage(Arc<dyn StorageBackend>),
+}
+
+/// The settings every store is opened with, whatever holds its bytes.
+fn builder(cache_capacity: u64) -> Builder {
+    let mut builder = Database::builder();
+    builder
+        .set_cache_size(usize::try_from(cache_capacity).unwrap_or(usize::MAX))
+        .set_check_integrity_on_open(true);
+    builder
 }
 
 impl RedbBackend {
@@ -52,10 +74,34 @@ impl RedbBackend {
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
         create_private_dir(dir)?;
         let path = dir.join(FILE);
-        let db = open_database(&path, cache_capacity)?;
+        let new = !path.exists();
+        let location = Location::File(path);
+        let db = open_database(&location, cache_capacity)?;
+        if new {
+            // redb syncs the file's data, not the directory entry that names it: a
+            // power cut could otherwise take the whole new file, acknowledged
+            // readings included, on a file system that does not sync it with them.
+            sync_dir(dir)?;
+        }
         Ok(Self {
             db: RwLock::new(Some(db)),
-            path,
+            location,
+            cache_capacity,
+        })
+    }
+
+    /// Opens (or creates) the store held by `storage` instead of a file, with the
+    /// same settings as [`RedbBackend::open`]: what the power-cut simulation runs
+    /// the real store on, recording every write and sync it makes.
+    pub fn on_storage(
+        storage: impl StorageBackend,
+        cache_capacity: u64,
+    ) -> Result<Self, StoreError> {
+        let location = Location::Storage(Arc::new(storage));
+        let db = open_database(&location, cache_capacity)?;
+        Ok(Self {
+            db: RwLock::new(Some(db)),
+            location,
             cache_capacity,
         })
     }
@@ -85,7 +131,7 @@ impl RedbBackend {
         }
         let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
-            *guard = Some(open_database(&self.path, self.cache_capacity)?);
+            *guard = Some(open_database(&self.location, self.cache_capacity)?);
         }
         match guard.as_ref() {
             Some(db) => f(db),
@@ -94,19 +140,19 @@ impl RedbBackend {
     }
 }
 
-fn open_database(path: &Path, cache_capacity: u64) -> Result<Database, StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let db = Database::builder()
-        .set_cache_size(usize::try_from(cache_capacity).unwrap_or(usize::MAX))
-        .set_check_integrity_on_open(true)
-        .create(path)
-        .map_err(|e| match e {
+fn open_database(location: &Location, cache_capacity: u64) -> Result<Database, StoreError> {
+    let db = match location {
+        Location::File(path) => builder(cache_capacity).create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(format!(
                 "{} is in use by another ferry process (one agent per data_dir)",
-                dir.display()
+                path.parent().unwrap_or(Path::new(".")).display()
             )),
             other => backend(other),
-        })?;
+        })?,
+        Location::Storage(storage) => builder(cache_capacity)
+            .create_with_backend(Shared(Arc::clone(storage)))
+            .map_err(backend)?,
+    };
     // The table exists from here on, so reads need not tell "no table" apart.
     let tx = db.begin_write().map_err(backend)?;
     tx.open_table(TABLE).map_err(backend)?;
@@ -160,9 +206,11 @@ impl Backend for RedbBackend {
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        std::fs::metadata(&self.path)
-            .map(|m| m.len())
-            .map_err(|e| StoreError::Backend(e.to_string()))
+        match &self.location {
+            Location::File(path) => std::fs::metadata(path).map(|m| m.len()),
+            Location::Storage(storage) => storage.len(),
+        }
+        .map_err(|e| StoreError::Backend(e.to_string()))
     }
 
     /// redb reuses freed pages but keeps the file's length; compaction moves the
@@ -204,4 +252,62 @@ fn write(db: &Database, batch: &Batch) -> Result<(), StoreError> {
         }
     }
     tx.commit().map_err(backend)
+}
+
+/// A storage redb owns while the backend still asks it for its length.
+#[derive(Debug)]
+struct Shared(Arc<dyn StorageBackend>);
+
+impl StorageBackend for Shared {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+
+    fn close(&self) -> std::io::Result<()> {
+        self.0.close()
+    }
+
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_range(start, end)
+    }
+
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.unlock_range(start, end)
+    }
+
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.query_lock_range(start, end)
+    }
 }
