@@ -57,10 +57,29 @@ fn ids_of(receiver: &Receiver, seq: u64) -> BTreeSet<(String, String)> {
         .collect()
 }
 
-/// How many times mosquitto sent `client_id` a PUBLISH with the DUP flag.
-fn dup_publishes_to(broker: &Mosquitto, client_id: &str) -> usize {
-    let needle = format!("Sending PUBLISH to {client_id} (d1,");
-    broker.log().matches(&needle).count()
+/// Every PUBLISH mosquitto sent `client_id`, as (DUP flag, packet id), from its log
+/// lines `Sending PUBLISH to {client} (d1, q1, r0, m7, 'topic', ... )`.
+fn publishes_to(broker: &Mosquitto, client_id: &str) -> Vec<(bool, u16)> {
+    let needle = format!("Sending PUBLISH to {client_id} (d");
+    broker
+        .log()
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find(&needle)? + needle.len()..];
+            let dup = rest.starts_with('1');
+            let m = rest.split(", ").find_map(|f| f.strip_prefix('m'))?;
+            Some((dup, m.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The first delivery was sent again, with DUP and under its own packet id.
+fn assert_sent_again_under_the_same_packet_id(broker: &Mosquitto, client_id: &str) {
+    let sent = publishes_to(broker, client_id);
+    assert!(
+        matches!(sent.as_slice(), [(false, a), (true, b), ..] if a == b),
+        "{sent:?}"
+    );
 }
 
 #[test]
@@ -85,7 +104,7 @@ fn a_reading_committed_before_a_kill_that_cut_off_its_puback_arrives_once_under_
     // Had reading 0 been stored again, it would have arrived before reading 1.
     let ids = ids_of(&receiver, 0);
     assert_eq!(ids.len(), 1, "reading 0 arrived under {ids:?}");
-    assert!(dup_publishes_to(&broker, &config.client_id()) >= 1);
+    assert_sent_again_under_the_same_packet_id(&broker, &config.client_id());
     let m = agent.metrics();
     assert_eq!(
         m.value("ferry_input_redeliveries_total", &[("source", "local")]),
@@ -120,7 +139,7 @@ fn a_reading_sent_again_after_a_lost_connection_is_acknowledged_without_a_second
     // Had reading 0 been stored again, it would have arrived before reading 1.
     let ids = ids_of(&receiver, 0);
     assert_eq!(ids.len(), 1, "reading 0 arrived under {ids:?}");
-    assert!(dup_publishes_to(&broker, &config.client_id()) >= 1);
+    assert_sent_again_under_the_same_packet_id(&broker, &config.client_id());
     let m = agent.metrics();
     assert_eq!(
         m.value("ferry_input_redeliveries_total", &[("source", "local")]),
@@ -138,7 +157,7 @@ fn a_reading_sent_again_after_a_lost_connection_is_acknowledged_without_a_second
 fn a_new_reading_with_the_same_bytes_is_stored_again() {
     // Byte-identical payloads published twice are two readings: the broker sends
     // the second without DUP, under another packet id.
-    let (broker, _proxy, receiver, _config, mut agent) = setup("gw-redeliver-same");
+    let (broker, _proxy, receiver, config, mut agent) = setup("gw-redeliver-same");
     let payload = json!({"pressure": 2.0, "seq": 0}).to_string();
     broker.publish(TOPIC, &payload, 1);
     broker.publish(TOPIC, &payload, 1);
@@ -147,5 +166,8 @@ fn a_new_reading_with_the_same_bytes_is_stored_again() {
     assert_eq!(ids.len(), 2, "two readings, two ids: {ids:?}");
     let m = agent.metrics();
     assert_eq!(m.value("ferry_input_redeliveries_total", &[]), 0.0);
+    // mosquitto counts packet ids up per client: the second copy gets the next one.
+    let sent = publishes_to(&broker, &config.client_id());
+    assert_eq!(sent, [(false, 1), (false, 2)]);
     assert!(agent.stop().success(), "ferry must exit 0 on SIGTERM");
 }
