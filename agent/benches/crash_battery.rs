@@ -10,7 +10,7 @@
 //! lost (never arrived), resends (same `source` + `id` again, which receivers drop),
 //! readings that arrived under two different ids, and ids that named two different
 //! readings. The test `restart::thirty_kills_at_random_moments_lose_no_acknowledged_reading`
-//! runs 30 kills in CI.
+//! runs 30 kills in CI and requires 0 lost and 0 readings under two ids.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;

@@ -10,6 +10,8 @@
 //!   [`ingest::Input`]s that carry an acknowledgement to run once the input is
 //!   committed.
 //! - [`decode`]: payload bytes to a [`decode::Reading`] (pure).
+//! - [`redelivery`]: which MQTT deliveries are ones already committed, sent again
+//!   by the broker after a crash or a lost connection (pure).
 //! - [`serial`]: serial framing and frame formats, the pure parts of serial ingest.
 //! - [`modbus`]: Modbus register maps, read plans and the polling schedule, the pure
 //!   parts of Modbus ingest.
@@ -32,6 +34,7 @@ pub mod ingest;
 pub mod modbus;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod redelivery;
 pub mod replay;
 pub mod rules;
 pub mod serial;

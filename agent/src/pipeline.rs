@@ -28,16 +28,17 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{BackoffConfig, Loaded};
 use crate::decode::{self, Clock, DecodeConfig, DecodeError, DeviceTemplate, Reading};
 use crate::ingest::serial::{SerialSource, WriteQueue};
 use crate::ingest::{
-    modbus::ModbusSource, mqtt::MqttSource, simulator, Admitted, Inlet, Origin, Payload,
+    modbus::ModbusSource, mqtt::MqttSource, simulator, Admitted, Inlet, Input, Origin, Payload,
 };
 use crate::ratelimit::RateLimit;
+use crate::redelivery::{Acknowledged, Delivery, Feed, Window, Windows};
 use crate::sinks;
 use crate::store::{Record, SavedState, StateWrite, Store, StoreError};
 
@@ -159,6 +160,8 @@ pub async fn run(
     admin_api.attach(Arc::clone(&store), head_tx.clone());
     let stop_sources = CancellationToken::new();
     let sources = TaskTracker::new();
+    let mut feeds = HashMap::new();
+    let mut windows = Windows::default();
 
     for s in &cfg.source.mqtt {
         let password = match &s.password_file {
@@ -192,7 +195,11 @@ pub async fn run(
                     message: format!("tls: {e}"),
                 }
             })?;
+        let feed = Arc::new(Feed::default());
+        feeds.insert(s.name.clone(), Arc::clone(&feed));
+        windows.load(&s.name, saved_window(store.as_ref(), &s.name));
         let source = MqttSource {
+            feed,
             tls,
             client_id: s
                 .client_id
@@ -263,6 +270,8 @@ pub async fn run(
         last_state_save: Instant::now(),
         changed: HashSet::new(),
         rewrite_state: true,
+        windows,
+        feeds,
         clock: ClockCheck {
             ahead: time_delta(cfg.agent.max_time_ahead.0),
             behind: cfg
@@ -407,6 +416,22 @@ fn restore_rule_state(rules: &mut RuleSet, saved: SavedState) {
     }
 }
 
+/// The delivery window the last run saved for MQTT source `name`; empty if there is
+/// none or it cannot be read (the worst case is a reading stored a second time).
+fn saved_window(store: &dyn Store, name: &str) -> Window {
+    match store.delivery_window(name) {
+        Ok(None) => Window::default(),
+        Ok(Some(bytes)) => Window::decode(&bytes).unwrap_or_else(|| {
+            warn!(source = %name, "ignoring an unreadable saved delivery window");
+            Window::default()
+        }),
+        Err(error) => {
+            warn!(source = %name, %error, "cannot read the saved delivery window");
+            Window::default()
+        }
+    }
+}
+
 /// The store key of one rule's state for one device: both names, unambiguously.
 fn state_key(rule: &str, device: &str) -> String {
     serde_json::Value::from(vec![rule, device]).to_string()
@@ -481,6 +506,10 @@ struct Committer {
     /// Save every entry at the next save (after a start or a reload), not only the
     /// changed ones, so that entries of rules that are gone do not linger.
     rewrite_state: bool,
+    /// What each MQTT source acknowledged last (`crate::redelivery`).
+    windows: Windows,
+    /// By MQTT source name: the PUBACKs it wrote and the sessions it lost.
+    feeds: HashMap<String, Arc<Feed>>,
     clock: ClockCheck,
 }
 
@@ -510,8 +539,7 @@ impl Committer {
                         return;
                     }
                     for Admitted { input, .. } in inputs.drain(..) {
-                        self.process(&input.origin, input.payload, input.received, &mut batch);
-                        batch.acks.extend(input.ack);
+                        self.take(input, &mut batch);
                     }
                 }
                 Some(crate::rules::Reloaded { mut set, files }) = reloads.recv() => {
@@ -532,6 +560,54 @@ impl Committer {
             }
             if !self.settle(batch, &shutdown).await {
                 return;
+            }
+        }
+    }
+
+    /// Adds one input to the batch: its records, or nothing if the broker sent it
+    /// again after it was committed; its acknowledgement either way.
+    fn take(&mut self, input: Input, batch: &mut Batch) {
+        let Input {
+            origin,
+            payload,
+            received,
+            ack,
+            delivery,
+        } = input;
+        batch.acks.extend(ack);
+        match delivery {
+            Some(d)
+                if self
+                    .windows
+                    .is_redelivery(&origin.name, &d, &batch.delivered) =>
+            {
+                self.redelivered(&origin, &d);
+                batch.delivered.push(&origin.name, d);
+            }
+            Some(d) => {
+                if self.process(&origin, payload, received, batch) {
+                    batch.delivered.push(&origin.name, d);
+                }
+            }
+            None => {
+                self.process(&origin, payload, received, batch);
+            }
+        }
+    }
+
+    fn redelivered(&self, origin: &Origin, d: &Delivery) {
+        metrics::counter!("ferry_input_redeliveries_total", "source" => origin.name.clone())
+            .increment(1);
+        debug!(source = %origin.name, packet_id = d.key.packet_id, connection = d.connection,
+            "the broker sent a committed reading again; acknowledged without storing it twice");
+    }
+
+    /// Takes what the MQTT sources reported about their PUBACKs and sessions.
+    fn take_ack_events(&mut self) {
+        for (source, feed) in &self.feeds {
+            let events = feed.take();
+            if !events.is_empty() {
+                self.windows.apply(source, events);
             }
         }
     }
@@ -563,6 +639,7 @@ impl Committer {
         let mut write = StateWrite {
             replace_all,
             entries: Vec::with_capacity(entries.len()),
+            deliveries: Vec::new(),
         };
         for entry in entries {
             let value = match entry.value.map(|v| serde_json::to_vec(&v)) {
@@ -585,20 +662,27 @@ impl Committer {
     /// Commits a batch (with the rule state if alerts changed it), then acks its
     /// inputs and hands its actions on. `false` if shutdown stopped the commit.
     async fn settle(&mut self, batch: Batch, shutdown: &CancellationToken) -> bool {
+        self.take_ack_events();
         // Transitions are saved with their batch; bookkeeping (for-timers, stale
         // sensors' last-seen times) now and then, since losing a little costs little.
         let save = batch.transition
             || (self.progress_unsaved && self.last_state_save.elapsed() >= SAVE_PROGRESS_EVERY);
-        let state = if save {
+        let mut state = if save {
             self.progress_unsaved = false;
             self.last_state_save = Instant::now();
             self.state_write()
         } else {
             StateWrite::default()
         };
-        if (!batch.records.is_empty() || !state.is_empty())
-            && !self.commit(batch.records, state, shutdown).await
-        {
+        // The windows of the sources this batch acknowledges go with its records;
+        // a batch that stores nothing leaves them as they are (what it acknowledged
+        // needs no protection from being stored twice).
+        let commits = !batch.records.is_empty() || !state.is_empty();
+        let plan = commits.then(|| self.windows.plan(&batch.delivered));
+        if let Some(plan) = &plan {
+            state.deliveries = plan.encoded();
+        }
+        if commits && !self.commit(batch.records, state, shutdown).await {
             // Shutting down with a batch that could not be stored: its inputs stay
             // unacknowledged, so the producers still have them.
             warn!(
@@ -606,6 +690,10 @@ impl Committer {
                 "stopped before this batch could be committed; it was not acknowledged"
             );
             return false;
+        }
+        match plan {
+            Some(plan) => self.windows.adopt(plan),
+            None => self.windows.without_commit(&batch.delivered),
         }
         for ack in batch.acks {
             ack();
@@ -622,13 +710,15 @@ impl Committer {
         true
     }
 
+    /// Decodes, checks and evaluates one input into `batch`; `false` if it was
+    /// rejected.
     fn process(
         &mut self,
         origin: &Origin,
         payload: Payload,
         received: chrono::DateTime<chrono::Utc>,
         batch: &mut Batch,
-    ) {
+    ) -> bool {
         let mut reading = match payload {
             Payload::Fields { device, fields } => {
                 let reading = Reading {
@@ -637,7 +727,8 @@ impl Committer {
                     fields,
                 };
                 if let Err(e) = decode::check_reading(&reading) {
-                    return self.rejected(origin, "", &e);
+                    self.rejected(origin, "", &e);
+                    return false;
                 }
                 reading
             }
@@ -648,7 +739,10 @@ impl Committer {
                 };
                 match decoded {
                     Ok(r) => r,
-                    Err(e) => return self.rejected(origin, &topic, &e),
+                    Err(e) => {
+                        self.rejected(origin, &topic, &e);
+                        return false;
+                    }
                 }
             }
         };
@@ -681,6 +775,7 @@ impl Committer {
                 },
             );
         }
+        true
     }
 
     /// Turns what the rules decided into records and actions. `device`: the device
@@ -898,6 +993,8 @@ struct Batch {
     actions: Vec<Action>,
     /// An alert opened or closed: persist the rule state with this batch.
     transition: bool,
+    /// The MQTT deliveries the batch acknowledges, rejected ones left out.
+    delivered: Acknowledged,
 }
 
 #[cfg(test)]
@@ -907,6 +1004,7 @@ mod tests {
     //! rule state each commit carries.
 
     use super::*;
+    use crate::redelivery;
     use crate::store::{Appended, DeadLetter, NewDeadLetter, Read, Replayed, SavedState, Stats};
     use ferry_rules::{CheckOptions, SourceFile};
     use std::sync::Mutex;
@@ -935,6 +1033,9 @@ mod tests {
         }
         fn rules_state(&self) -> Result<SavedState, StoreError> {
             Ok(SavedState::default())
+        }
+        fn delivery_window(&self, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
         }
         fn save_rule_files(&self, _: &[u8]) -> Result<(), StoreError> {
             Ok(())
@@ -1012,6 +1113,8 @@ emit = { type = "com.example.hot" }
             last_state_save: Instant::now(),
             changed: HashSet::new(),
             rewrite_state: true,
+            windows: Windows::default(),
+            feeds: HashMap::new(),
             clock: ClockCheck {
                 ahead: chrono::TimeDelta::days(1),
                 behind: chrono::TimeDelta::MAX,
@@ -1053,6 +1156,126 @@ emit = { type = "com.example.hot" }
             }));
         }
         assert!(c.settle(batch, &CancellationToken::new()).await);
+    }
+
+    /// One turn of the commit task on MQTT deliveries `(device, payload, packet id,
+    /// dup)`, each acknowledged into the log.
+    async fn deliveries(
+        c: &mut Committer,
+        log: &Arc<Mutex<Vec<String>>>,
+        inputs: &[(&str, &str, u16, bool)],
+    ) {
+        let origin = origin();
+        let mut batch = Batch::default();
+        for &(device, payload, packet_id, dup) in inputs {
+            let raw = raw(device, payload);
+            let Payload::Raw { topic, bytes } = &raw else {
+                unreachable!("raw() makes raw payloads")
+            };
+            let delivery = Delivery {
+                key: redelivery::Key::new(packet_id, topic, bytes),
+                dup,
+                connection: 1,
+            };
+            let (log, device) = (Arc::clone(log), device.to_string());
+            c.take(
+                Input {
+                    origin: Arc::clone(&origin),
+                    payload: raw,
+                    received: chrono::Utc::now(),
+                    ack: Some(Box::new(move || {
+                        log.lock().unwrap().push(format!("ack {device}"))
+                    })),
+                    delivery: Some(delivery),
+                },
+                &mut batch,
+            );
+        }
+        assert!(c.settle(batch, &CancellationToken::new()).await);
+    }
+
+    fn stored(store: &Recorder) -> Vec<String> {
+        store
+            .appends
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(records, _)| records.iter().map(|r| r.subject.clone()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_delivery_the_broker_sends_again_after_its_commit_is_acknowledged_and_not_stored_again(
+    ) {
+        let store = Arc::new(Recorder::default());
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        deliveries(&mut c, &log, &[("a", r#"{"t":1}"#, 7, false)]).await;
+        // The PUBACK never reached the broker: it sends the reading again, with DUP.
+        deliveries(
+            &mut c,
+            &log,
+            &[("a", r#"{"t":1}"#, 7, true), ("b", r#"{"t":2}"#, 8, false)],
+        )
+        .await;
+        assert_eq!(stored(&store), ["a", "b"]);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["commit", "ack a", "commit", "ack a", "ack b"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_without_the_dup_flag_is_stored_even_if_it_matches() {
+        let store = Arc::new(Recorder::default());
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        deliveries(&mut c, &log, &[("a", r#"{"t":1}"#, 7, false)]).await;
+        deliveries(&mut c, &log, &[("a", r#"{"t":1}"#, 7, false)]).await;
+        assert_eq!(stored(&store), ["a", "a"]);
+    }
+
+    #[tokio::test]
+    async fn the_window_commits_in_the_same_append_as_the_records_it_covers() {
+        let store = Arc::new(Recorder::default());
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        deliveries(
+            &mut c,
+            &log,
+            &[("a", r#"{"t":1}"#, 7, false), ("b", r#"{"t":2}"#, 8, false)],
+        )
+        .await;
+        let appends = store.appends.lock().unwrap();
+        assert_eq!(appends.len(), 1);
+        let (records, state) = &appends[0];
+        assert_eq!(records.len(), 2);
+        assert_eq!(state.deliveries.len(), 1);
+        let (source, bytes) = &state.deliveries[0];
+        assert_eq!(source, "local");
+        assert_eq!(Window::decode(bytes).unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_only_redeliveries_or_rejected_input_writes_nothing() {
+        let store = Arc::new(Recorder::default());
+        let log = Arc::clone(&store.log);
+        let mut c = committer(&store);
+        deliveries(&mut c, &log, &[("a", r#"{"t":1}"#, 7, false)]).await;
+        deliveries(
+            &mut c,
+            &log,
+            &[("a", r#"{"t":1}"#, 7, true), ("bad", "not json", 9, false)],
+        )
+        .await;
+        assert_eq!(store.appends.lock().unwrap().len(), 1);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["commit", "ack a", "ack a", "ack bad"]
+        );
+        // The window still holds the committed delivery.
+        let window = c.windows.window("local").unwrap();
+        assert_eq!(window.len(), 1);
     }
 
     #[tokio::test]

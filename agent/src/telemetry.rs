@@ -408,6 +408,10 @@ fn describe() {
         "Inputs refused as bad, by source and reason."
     );
     d!(
+        "ferry_input_redeliveries_total",
+        "MQTT deliveries the broker sent again after they were committed, acknowledged without being stored twice, by source."
+    );
+    d!(
         "ferry_store_committed_total",
         "Records committed to the store."
     );

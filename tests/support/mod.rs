@@ -10,6 +10,8 @@
 //! - [`Metrics`]: a scrape of the agent's Prometheus endpoint.
 //! - [`Cable`]: a serial cable (a socat pty pair) that can be unplugged and replugged.
 //! - [`NatsServer`]: a real `nats-server` with JetStream on a free loopback port.
+//! - [`MqttProxy`]: a TCP proxy between the agent and mosquitto that can swallow the
+//!   agent's PUBACKs or cut its connection.
 //! - [`Stream`] and [`run_battery`]: a QoS 1 publisher that keeps going across agent
 //!   kills, and the crash battery built on it.
 //!
@@ -29,6 +31,9 @@ pub use crash::{run_battery, Battery, Stream};
 mod nats;
 #[allow(unused_imports)]
 pub use nats::NatsServer;
+mod proxy;
+#[allow(unused_imports)]
+pub use proxy::MqttProxy;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};

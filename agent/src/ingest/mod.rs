@@ -55,6 +55,9 @@ pub struct Input {
     /// When the agent received it; the reading's time if the payload has none.
     pub received: DateTime<Utc>,
     pub ack: Option<Ack>,
+    /// For an MQTT QoS 1 delivery: what identifies it, so the commit task can tell
+    /// a delivery the broker sends again from a new one ([`crate::redelivery`]).
+    pub delivery: Option<crate::redelivery::Delivery>,
 }
 
 /// Raw bytes to decode, or a reading a source already built.

@@ -515,6 +515,7 @@ impl Bus<'_> {
                 fields,
             },
             ack: None,
+            delivery: None,
         };
         (Some(input), outcome)
     }

@@ -10,13 +10,21 @@
 //! - acks go through a separate task (`acker`): awaiting `client.ack()` from the task
 //!   that polls the event loop can deadlock; acks are sent in arrival order because
 //!   the pipeline runs them in that order;
+//! - an ack goes out only on the connection its publish came on ([`AckGate`]):
+//!   rumqttc keeps requests queued across a reconnect, and a PUBACK for a packet id
+//!   of the old connection, sent on the new one, would acknowledge whatever the
+//!   broker now sends under that id (after a lost session, ids start again at 1).
+//!   The broker sends those publishes again with DUP set, and the commit task
+//!   recognises them ([`crate::redelivery`]); to let it, every delivery carries its
+//!   packet id, a digest of topic and payload, its DUP flag and its connection,
+//!   and the source reports each PUBACK written and each session the broker lost;
 //! - `poll()` after an error reconnects at once, so every error is followed by a
 //!   jittered backoff sleep;
 //! - subscriptions are (re)sent on every ConnAck, since a restarted broker may have
 //!   lost the session.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_rules::Action;
@@ -34,6 +42,7 @@ use crate::backoff::Backoff;
 use crate::config::{problem, BackoffConfig, Bytes, Dur, Problem};
 use crate::decode::DeviceTemplate;
 use crate::ratelimit::RateLimit;
+use crate::redelivery::{Delivery, Event as AckEvent, Feed, Key};
 use crate::tls::TlsConfig;
 
 /// `[[source.mqtt]]`
@@ -247,6 +256,8 @@ pub struct MqttSource {
     /// Used for `mqtts://`: built at start from `cfg.tls` (files read then).
     pub tls: Arc<rustls::ClientConfig>,
     pub origin: Arc<Origin>,
+    /// Where PUBACKs written and sessions lost are reported to the commit task.
+    pub feed: Arc<Feed>,
 }
 
 impl MqttSource {
@@ -289,8 +300,11 @@ impl MqttSource {
             }
         };
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
-        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();
-        let mut acker = tokio::spawn(acker(client.clone(), ack_rx));
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<(u64, Publish)>();
+        let gate = Arc::new(AckGate::default());
+        let mut acker = tokio::spawn(acker(client.clone(), Arc::clone(&gate), ack_rx));
+        // Connections are counted from 1; publishes carry the count of theirs.
+        let mut connection = 0u64;
         let mut backoff = Backoff::new(self.cfg.reconnect);
         let filters: Vec<SubscribeFilter> = self
             .cfg
@@ -338,6 +352,11 @@ impl MqttSource {
                         connected = true;
                         outage_reported = false;
                         backoff.reset();
+                        connection += 1;
+                        gate.open(connection);
+                        if !ack.session_present {
+                            self.feed.push(AckEvent::SessionLost { connection });
+                        }
                         info!(source = %name, session_present = ack.session_present, "connected to broker");
                         if ack.code == ConnectReturnCode::Success && running.is_some() {
                             if let Err(error) = client.try_subscribe_many(filters.clone()) {
@@ -359,20 +378,27 @@ impl MqttSource {
                         // broker keeps them for the next session.
                         let Some((tx, ack_tx)) = &running else { continue };
                         metrics::counter!("ferry_input_received_total", "source" => name.clone()).increment(1);
-                        let ack: Option<Ack> = (p.qos != QoS::AtMostOnce).then(|| {
+                        let qos1 = p.qos != QoS::AtMostOnce;
+                        let ack: Option<Ack> = qos1.then(|| {
                             let ack_tx = ack_tx.clone();
                             let p = p.clone();
                             Box::new(move || {
                                 // The acker ends only after every sender is gone,
                                 // so this send fails only at the very end of shutdown.
-                                let _ = ack_tx.send(p);
+                                let _ = ack_tx.send((connection, p));
                             }) as Ack
+                        });
+                        let delivery = qos1.then(|| Delivery {
+                            key: Key::new(p.pkid, &p.topic, &p.payload),
+                            dup: p.dup,
+                            connection,
                         });
                         let input = Input {
                             origin: Arc::clone(&self.origin),
                             payload: Payload::Raw { topic: p.topic.clone(), bytes: p.payload.to_vec() },
                             received: chrono::Utc::now(),
                             ack,
+                            delivery,
                         };
                         // Waiting here is the backpressure: we stop reading the socket.
                         tokio::select! {
@@ -380,11 +406,17 @@ impl MqttSource {
                             r = tx.send(input) => if r.is_err() { running = None },
                         }
                     }
+                    Ok(Event::Outgoing(Outgoing::PubAck(packet_id))) => {
+                        self.feed.push(AckEvent::Written { connection, packet_id });
+                    }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                         debug!(source = %name, "disconnect sent");
                     }
                     Ok(_) => {}
                     Err(error) => {
+                        // rumqttc dropped the PUBACKs it had queued; drop any the
+                        // acker queued since, and let no more of this connection's in.
+                        gate.close(|| eventloop.clean());
                         if running.is_none() {
                             break;
                         }
@@ -413,7 +445,53 @@ impl MqttSource {
                 },
             }
         }
+        // The acker may still hold acks: with the event loop gone they can only be dropped.
+        gate.close(|| {});
         info!(source = %name, "MQTT source stopped");
+    }
+}
+
+/// Which connection PUBACKs may go out on: the current one, or none between
+/// connections. An ack is queued to rumqttc under the gate's lock, and closing the
+/// gate clears rumqttc's queue of PUBACKs under the same lock, so no PUBACK of one
+/// connection can be written on the next.
+#[derive(Debug, Default)]
+struct AckGate(Mutex<u64>);
+
+/// What [`AckGate::offer`] did with an ack.
+#[derive(Debug, PartialEq, Eq)]
+enum Offered {
+    Queued,
+    /// Its connection is gone: the broker sends the publish again.
+    Stale,
+    /// rumqttc's request queue is full: offer it again shortly.
+    Busy,
+}
+
+impl AckGate {
+    /// PUBACKs of `connection` may go out (0 is no connection).
+    fn open(&self, connection: u64) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = connection;
+    }
+
+    /// No PUBACK may go out until the next [`AckGate::open`]; `clear` runs under
+    /// the lock to remove what is already queued.
+    fn close(&self, clear: impl FnOnce()) {
+        let mut current = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *current = 0;
+        clear();
+    }
+
+    /// Queues an ack of `connection` with `queue` if that connection is current.
+    fn offer<E>(&self, connection: u64, queue: impl FnOnce() -> Result<(), E>) -> Offered {
+        let current = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != connection || connection == 0 {
+            return Offered::Stale;
+        }
+        match queue() {
+            Ok(()) => Offered::Queued,
+            Err(_) => Offered::Busy,
+        }
     }
 }
 
@@ -486,11 +564,28 @@ fn publish_action(client: &AsyncClient, source: &str, action: Action) {
     }
 }
 
-/// Sends PUBACKs in the order the pipeline committed the readings.
-async fn acker(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Publish>) {
-    while let Some(p) = rx.recv().await {
-        if let Err(error) = client.ack(&p).await {
-            debug!(%error, "cannot queue PUBACK; the broker will redeliver");
+/// Sends PUBACKs in the order the pipeline committed the readings, each only on
+/// the connection its publish came on.
+async fn acker(
+    client: AsyncClient,
+    gate: Arc<AckGate>,
+    mut rx: mpsc::UnboundedReceiver<(u64, Publish)>,
+) {
+    while let Some((connection, p)) = rx.recv().await {
+        loop {
+            match gate.offer(connection, || client.try_ack(&p)) {
+                Offered::Queued => break,
+                Offered::Stale => {
+                    debug!(
+                        packet_id = p.pkid,
+                        "connection gone before the PUBACK; the broker will redeliver"
+                    );
+                    break;
+                }
+                // Not waiting on the queue under the lock: the event loop drains
+                // it, and closing the gate needs the lock.
+                Offered::Busy => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
         }
     }
 }
@@ -588,6 +683,46 @@ mod tests {
             loggable_url("mqtt://127.0.0.1:1883"),
             "mqtt://127.0.0.1:1883"
         );
+    }
+
+    #[test]
+    fn an_ack_goes_out_on_the_connection_its_publish_came_on() {
+        let gate = AckGate::default();
+        gate.open(3);
+        assert_eq!(gate.offer(3, || Ok::<(), ()>(())), Offered::Queued);
+    }
+
+    #[test]
+    fn an_ack_of_a_previous_connection_is_dropped_on_the_next() {
+        let gate = AckGate::default();
+        gate.open(1);
+        gate.close(|| {});
+        gate.open(2);
+        let mut queued = false;
+        let offered = gate.offer(1, || {
+            queued = true;
+            Ok::<(), ()>(())
+        });
+        assert_eq!(offered, Offered::Stale);
+        assert!(!queued, "nothing may reach the client's queue");
+    }
+
+    #[test]
+    fn no_ack_goes_out_between_connections() {
+        let gate = AckGate::default();
+        gate.open(1);
+        let mut cleared = false;
+        gate.close(|| cleared = true);
+        assert!(cleared, "closing clears what is queued");
+        assert_eq!(gate.offer(1, || Ok::<(), ()>(())), Offered::Stale);
+        assert_eq!(gate.offer(0, || Ok::<(), ()>(())), Offered::Stale);
+    }
+
+    #[test]
+    fn an_ack_that_finds_the_client_queue_full_is_offered_again() {
+        let gate = AckGate::default();
+        gate.open(1);
+        assert_eq!(gate.offer(1, || Err(())), Offered::Busy);
     }
 
     #[test]

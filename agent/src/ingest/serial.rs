@@ -473,6 +473,7 @@ impl Session<'_> {
                     received: take_time(self.time_field, &mut fields).unwrap_or(now),
                     payload: Payload::Fields { device, fields },
                     ack: None,
+                    delivery: None,
                 };
                 tokio::select! {
                     _ = cancel.cancelled() => return Ended::Cancelled,

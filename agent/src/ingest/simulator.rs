@@ -97,6 +97,7 @@ pub async fn run(cfg: SimulatorConfig, origin: Arc<Origin>, tx: Inlet, cancel: C
                 },
                 received: chrono::Utc::now(),
                 ack: None,
+                delivery: None,
             };
             if tx.send(input).await.is_err() {
                 return;

@@ -11,6 +11,8 @@
 //!   that changed it (`m:rules`, the whole state in one value, is what earlier
 //!   releases wrote; it is read once and removed by the next full rewrite);
 //! - `c:` + sink name: that sink's cursor;
+//! - `d:` + MQTT source name: the source's delivery window (`crate::redelivery`),
+//!   replaced by the batch that acknowledges its deliveries;
 //! - `m:rule_files`: the files of the last rule set that compiled, to start with
 //!   when the rule files are broken after a reboot;
 //! - `q:` + sequence: a record that could not be decoded, kept for inspection;
@@ -47,6 +49,7 @@ const STATS: &[u8] = b"m:stats";
 const LEGACY_RULES_STATE: &[u8] = b"m:rules";
 const STATE_PREFIX: &[u8] = b"r:";
 const CURSOR_PREFIX: &[u8] = b"c:";
+const DELIVERIES_PREFIX: &[u8] = b"d:";
 const RULE_FILES: &[u8] = b"m:rule_files";
 const QUARANTINE_PREFIX: u8 = b'q';
 /// Quarantined records kept; older ones go first. Enough to look into what went
@@ -59,6 +62,10 @@ const COMPACT_AT_MOST_EVERY: Duration = Duration::from_secs(600);
 
 fn state_key(key: &str) -> Vec<u8> {
     [STATE_PREFIX, key.as_bytes()].concat()
+}
+
+fn deliveries_key(source: &str) -> Vec<u8> {
+    [DELIVERIES_PREFIX, source.as_bytes()].concat()
 }
 
 fn seq_key(prefix: u8, seq: u64) -> [u8; 9] {
@@ -443,6 +450,9 @@ impl Store for Ledger {
                 None => batch.delete(state_key(key)),
             }
         }
+        for (source, window) in &state.deliveries {
+            batch.put(deliveries_key(source), window.as_slice());
+        }
         // Producers are acknowledged when this returns: the batch is durable.
         self.backend.commit(batch)?;
 
@@ -507,6 +517,10 @@ impl Store for Ledger {
                 true
             })?;
         Ok(SavedState { legacy, entries })
+    }
+
+    fn delivery_window(&self, source: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.backend.get(&deliveries_key(source))
     }
 
     fn cursor(&self, sink: &str) -> Result<u64, StoreError> {
@@ -700,6 +714,8 @@ mod tests {
         dead_letters_over_their_bound_make_room_by_dropping_the_oldest,
         a_replayed_dead_letter_is_stored_again_for_its_sink_only_with_its_first_id,
         purge_removes_one_dead_letter_or_all_and_ids_are_never_reused,
+        a_delivery_window_commits_with_its_batch_replaces_the_last_and_survives_a_reopen,
+        a_refused_batch_leaves_the_delivery_window_as_it_was,
     );
 
     fn sinks(names: &[&str]) -> Vec<String> {
@@ -828,7 +844,73 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.map(|v| v.as_bytes().to_vec())))
                 .collect(),
+            deliveries: Vec::new(),
         }
+    }
+
+    fn windows(windows: &[(&str, &[u8])]) -> StateWrite {
+        StateWrite {
+            deliveries: windows
+                .iter()
+                .map(|(source, w)| (source.to_string(), w.to_vec()))
+                .collect(),
+            ..StateWrite::default()
+        }
+    }
+
+    fn a_delivery_window_commits_with_its_batch_replaces_the_last_and_survives_a_reopen(
+        kind: BackendKind,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(kind, 1 << 30, WhenFull::DropOldest);
+        {
+            let s = open(dir.path(), &c, &["a"]);
+            assert_eq!(s.delivery_window("local").unwrap(), None);
+            s.append(
+                &[record(0, 0)],
+                &windows(&[("local", b"one"), ("plant", b"p")]),
+            )
+            .unwrap();
+            s.append(&[record(1, 0)], &windows(&[("local", b"two")]))
+                .unwrap();
+            // A batch that acknowledges no delivery leaves the windows alone.
+            s.append(&[record(2, 0)], &StateWrite::default()).unwrap();
+        }
+        let s = open(dir.path(), &c, &["a"]);
+        assert_eq!(
+            s.delivery_window("local").unwrap().as_deref(),
+            Some(&b"two"[..])
+        );
+        assert_eq!(
+            s.delivery_window("plant").unwrap().as_deref(),
+            Some(&b"p"[..])
+        );
+        assert_eq!(s.stats().records, 3);
+    }
+
+    fn a_refused_batch_leaves_the_delivery_window_as_it_was(kind: BackendKind) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), &cfg(kind, 10_000, WhenFull::RejectNew), &["a"]);
+        s.append(&[record(0, 1000)], &windows(&[("local", b"kept")]))
+            .unwrap();
+        let huge: Vec<Record> = (1..14).map(|i| record(i, 1000)).collect();
+        assert!(matches!(
+            s.append(&huge, &windows(&[("local", b"never")])),
+            Err(StoreError::TooLarge { .. })
+        ));
+        let mut full = Ok(());
+        for i in 1..20 {
+            if let Err(e) = s.append(&[record(i, 1000)], &windows(&[("local", b"never")])) {
+                full = Err(e);
+                break;
+            }
+            s.append(&[], &windows(&[("local", b"kept")])).unwrap();
+        }
+        assert!(matches!(full, Err(StoreError::Full { .. })), "{full:?}");
+        assert_eq!(
+            s.delivery_window("local").unwrap().as_deref(),
+            Some(&b"kept"[..])
+        );
     }
 
     fn saved(s: &Ledger) -> Vec<(String, String)> {
@@ -892,8 +974,8 @@ mod tests {
         s.append(
             &[],
             &StateWrite {
-                replace_all: false,
                 entries: many,
+                ..StateWrite::default()
             },
         )
         .unwrap();

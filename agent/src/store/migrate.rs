@@ -90,7 +90,8 @@ mod tests {
     }
 
     #[test]
-    fn an_upgrade_to_redb_keeps_the_records_cursors_ids_and_rule_state_of_a_sled_store() {
+    fn an_upgrade_to_redb_keeps_the_records_cursors_ids_rule_state_and_delivery_windows_of_a_sled_store(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let sinks = vec!["a".to_string()];
         let mut cfg = StoreConfig {
@@ -104,6 +105,7 @@ mod tests {
             let state = StateWrite {
                 replace_all: false,
                 entries: vec![("alert".into(), Some(b"open".to_vec()))],
+                deliveries: vec![("local".into(), b"window".to_vec())],
             };
             s.append(&records, &state).unwrap();
             s.advance("a", 10).unwrap();
@@ -122,6 +124,10 @@ mod tests {
         assert_eq!(
             s.rules_state().unwrap().entries,
             vec![("alert".to_string(), b"open".to_vec())]
+        );
+        assert_eq!(
+            s.delivery_window("local").unwrap().as_deref(),
+            Some(&b"window"[..])
         );
         assert!(!dir.path().join("db").exists(), "the sled files are gone");
         assert!(!dir.path().join("migrate.tmp").exists());

@@ -279,11 +279,16 @@ pub struct StateWrite {
     pub replace_all: bool,
     /// Key and new value; `None` removes the key.
     pub entries: Vec<(String, Option<Vec<u8>>)>,
+    /// The delivery windows this commit replaces: MQTT source name and its encoded
+    /// window (the deliveries the commit acknowledges, see `crate::redelivery`).
+    /// They commit with the records they cover, so a window never names a delivery
+    /// that is not stored, nor misses one that is.
+    pub deliveries: Vec<(String, Vec<u8>)>,
 }
 
 impl StateWrite {
     pub fn is_empty(&self) -> bool {
-        !self.replace_all && self.entries.is_empty()
+        !self.replace_all && self.entries.is_empty() && self.deliveries.is_empty()
     }
 }
 
@@ -332,6 +337,8 @@ pub trait Store: Send + Sync + 'static {
     fn append(&self, records: &[Record], state: &StateWrite) -> Result<Appended, StoreError>;
     /// The rule state saved by every `append` so far.
     fn rules_state(&self) -> Result<SavedState, StoreError>;
+    /// The delivery window last saved for MQTT source `source` (`StateWrite::deliveries`).
+    fn delivery_window(&self, source: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Keeps `files` (an encoded rule set) as the last valid rule set, durably.
     fn save_rule_files(&self, files: &[u8]) -> Result<(), StoreError>;
     /// The last valid rule set saved, if any.

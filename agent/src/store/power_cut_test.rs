@@ -334,7 +334,7 @@ fn workload(seed: u64, points: usize, syncs: Syncs) -> History {
                 .collect();
             let mut state = StateWrite {
                 replace_all: rng.percent(5),
-                entries: Vec::new(),
+                ..StateWrite::default()
             };
             for _ in 0..rng.below(3) {
                 let key = format!("overheat/sensor-{}", rng.below(7));
