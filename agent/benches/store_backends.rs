@@ -94,7 +94,7 @@ fn step(name: &str, kind: BackendKind, dir: &Path, events: u64, cache: u64, pad:
     let none = StateWrite::default();
     match name {
         "commit" => {
-            let s = store::open(dir, &roomy, &sinks).expect("open");
+            let s = store::open(dir, &roomy, &sinks).expect("open").ledger;
             let n = 2_000;
             let start = Instant::now();
             for i in 0..n {
@@ -104,7 +104,7 @@ fn step(name: &str, kind: BackendKind, dir: &Path, events: u64, cache: u64, pad:
             println!("commits_per_s={:.0}", n as f64 / secs);
         }
         "fill" => {
-            let s = store::open(dir, &roomy, &sinks).expect("open");
+            let s = store::open(dir, &roomy, &sinks).expect("open").ledger;
             let start = Instant::now();
             let mut i = 0;
             while i < events {
@@ -126,7 +126,7 @@ fn step(name: &str, kind: BackendKind, dir: &Path, events: u64, cache: u64, pad:
         }
         "open" => {
             let start = Instant::now();
-            let s = store::open(dir, &roomy, &sinks).expect("open");
+            let s = store::open(dir, &roomy, &sinks).expect("open").ledger;
             let secs = start.elapsed().as_secs_f64();
             let records = s.stats().records;
             println!(
@@ -135,7 +135,7 @@ fn step(name: &str, kind: BackendKind, dir: &Path, events: u64, cache: u64, pad:
             );
         }
         "drain" => {
-            let s = store::open(dir, &roomy, &sinks).expect("open");
+            let s = store::open(dir, &roomy, &sinks).expect("open").ledger;
             let start = Instant::now();
             let mut cursor = s.cursor("cloud").expect("cursor");
             let mut n = 0u64;
@@ -157,7 +157,9 @@ fn step(name: &str, kind: BackendKind, dir: &Path, events: u64, cache: u64, pad:
         }
         "bound" => {
             let max = 32u64 << 20;
-            let s = store::open(dir, &config(kind, cache, max), &sinks).expect("open");
+            let s = store::open(dir, &config(kind, cache, max), &sinks)
+                .expect("open")
+                .ledger;
             let mut fed = 0u64;
             let mut i = 0;
             while fed < 3 * max {

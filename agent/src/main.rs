@@ -420,8 +420,16 @@ fn dead_letter_outcome(
     }
     // As `ferry run`: what the store creates stays private.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let store = match ferry_agent::store::open(&dir, &cfg.store, &cfg.sink.names()) {
+    // As it is: a damaged store is the agent's to quarantine (and report) at its
+    // next start, not this command's.
+    let store = match ferry_agent::store::open_as_is(&dir, &cfg.store, &cfg.sink.names()) {
         Ok(store) => store,
+        Err(StoreError::Damaged(why)) => anyhow::bail!(
+            "the store in {} is damaged ({why}); `ferry run` moves it aside into {}/ \
+             and starts on a fresh store",
+            dir.display(),
+            ferry_agent::store::quarantine::DIR
+        ),
         Err(StoreError::InUse(why)) => anyhow::bail!(
             "{why}, and {}",
             match unanswered {

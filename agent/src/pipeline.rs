@@ -40,7 +40,7 @@ use crate::ingest::{
 use crate::ratelimit::RateLimit;
 use crate::redelivery::{Acknowledged, Delivery, Feed, Window, Windows};
 use crate::sinks;
-use crate::store::{Record, SavedState, StateWrite, Store, StoreError};
+use crate::store::{Quarantined, Record, SavedState, StateWrite, Store, StoreError};
 
 /// Inputs waiting for the commit task. Bounded: a full channel stops the sources.
 const CHANNEL: usize = 4096;
@@ -56,6 +56,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// How often rule bookkeeping that is not an alert transition is saved.
 const SAVE_PROGRESS_EVERY: Duration = Duration::from_secs(10);
 pub const READING_TYPE: &str = "io.ferry.reading";
+/// The event the agent sends upstream when it had to move a damaged store aside.
+pub const STORE_QUARANTINED_TYPE: &str = "io.ferry.agent.store_quarantined";
 /// The most bytes one rule may save for one device (a backstop: the rules' own caps
 /// keep entries far smaller).
 const MAX_STATE_ENTRY: usize = 64 * 1024;
@@ -116,11 +118,16 @@ pub async fn run(
         let opened = tokio::task::spawn_blocking(move || crate::store::open(&dir, &scfg, &sinks))
             .await
             .map_err(|e| StoreError::Backend(e.to_string()))
-            .and_then(|r| r);
-        Arc::new(opened.map_err(|source| StartError::Store {
-            dir: data_dir.clone(),
-            source,
-        })?)
+            .and_then(|r| r)
+            .map_err(|source| StartError::Store {
+                dir: data_dir.clone(),
+                source,
+            })?;
+        let store: Arc<dyn Store> = Arc::new(opened.ledger);
+        if let Some(q) = opened.quarantined {
+            store_quarantined(&store, &q, &agent_id).await;
+        }
+        store
     };
 
     let rules = match loaded.rules_dir() {
@@ -310,6 +317,48 @@ pub async fn run(
         "stopped; buffered records are kept for the next start"
     );
     Ok(())
+}
+
+/// A damaged store was moved aside and the agent runs on a fresh one: counted,
+/// logged, and told upstream with an event in the fresh store, so whoever watches
+/// the fleet learns that what the old store held was not sent.
+async fn store_quarantined(store: &Arc<dyn Store>, q: &Quarantined, agent_id: &str) {
+    metrics::counter!("ferry_store_quarantined_total").increment(1);
+    error!(
+        moved_to = %q.moved_to.display(),
+        error = %q.error,
+        "the store's files are damaged: moved them aside (never deleted) and started on a fresh store"
+    );
+    let record = quarantine_record(q, agent_id, chrono::Utc::now());
+    let appended = sinks::blocking(store, move |s| {
+        s.append(std::slice::from_ref(&record), &StateWrite::default())
+    })
+    .await;
+    match appended {
+        Ok(_) => metrics::counter!("ferry_store_committed_total").increment(1),
+        Err(error) => {
+            error!(%error, "cannot store the event that reports the quarantined store")
+        }
+    }
+}
+
+/// The `io.ferry.agent.store_quarantined` event: from the agent itself
+/// (`/ferry/{agent}/agent/store`), about the agent.
+fn quarantine_record(q: &Quarantined, agent_id: &str, at: chrono::DateTime<chrono::Utc>) -> Record {
+    Record {
+        source: format!("/ferry/{agent_id}/agent/store"),
+        event_type: STORE_QUARANTINED_TYPE.to_string(),
+        subject: agent_id.to_string(),
+        time: at,
+        data: serde_json::json!({
+            "moved_to": q.moved_to.display().to_string(),
+            "error": q.error,
+            "at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }),
+        ext: BTreeMap::new(),
+        to: None,
+        origin: None,
+    }
 }
 
 /// The rule set to start with: the rule files if they compile (saved in the store
@@ -1276,6 +1325,31 @@ emit = { type = "com.example.hot" }
         // The window still holds the committed delivery.
         let window = c.windows.window("local").unwrap();
         assert_eq!(window.len(), 1);
+    }
+
+    #[test]
+    fn the_quarantine_event_comes_from_the_agent_about_the_agent_and_says_where_the_files_went() {
+        let q = Quarantined {
+            moved_to: PathBuf::from("/var/lib/ferry/quarantine/20261130T081500Z"),
+            error: "DB corrupted: checksum mismatch".into(),
+        };
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-30T08:15:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let r = quarantine_record(&q, "gw-0042", at);
+        assert_eq!(r.source, "/ferry/gw-0042/agent/store");
+        assert_eq!(r.event_type, "io.ferry.agent.store_quarantined");
+        assert_eq!(r.subject, "gw-0042");
+        assert_eq!(r.time, at);
+        assert_eq!(
+            r.data,
+            serde_json::json!({
+                "moved_to": "/var/lib/ferry/quarantine/20261130T081500Z",
+                "error": "DB corrupted: checksum mismatch",
+                "at": "2026-11-30T08:15:00.000Z",
+            })
+        );
+        assert!(r.is_for("any sink"));
     }
 
     #[tokio::test]

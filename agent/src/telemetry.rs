@@ -420,6 +420,10 @@ fn describe() {
         "Records the store dropped, by reason: store_full (removed to make room before a sink that needed them had them), corrupt, too_large, dead_letters_full (the oldest dead letters, to keep the newest)."
     );
     d!(
+        "ferry_store_quarantined_total",
+        "Damaged stores moved aside into data_dir/quarantine at start (never deleted)."
+    );
+    d!(
         "ferry_sink_sent_total",
         "Events accepted upstream, by sink."
     );

@@ -15,7 +15,9 @@
 //!   replaced by the batch that acknowledges its deliveries;
 //! - `m:rule_files`: the files of the last rule set that compiled, to start with
 //!   when the rule files are broken after a reboot;
-//! - `q:` + sequence: a record that could not be decoded, kept for inspection;
+//! - `q` + sequence: a record that could not be decoded, kept for inspection with
+//!   the time it was moved aside ([`super::quarantine::entry`]); the newest
+//!   [`QUARANTINE_KEEP`] are kept;
 //! - `x:` + id: a dead letter, an event an upstream refused for good, kept for an
 //!   operator ([`dead_letters`]); `m:dead_next`: the next dead-letter id.
 //!
@@ -149,15 +151,24 @@ impl Ledger {
         sinks: &[String],
     ) -> Result<Self, StoreError> {
         let mut setup = Batch::durable();
+        // The keys every store has: if they do not read back, nothing it holds can be
+        // trusted, and the store is quarantined whole.
         let epoch = match backend.get(EPOCH)? {
-            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            Some(v) => match String::from_utf8(v) {
+                Ok(e) if !e.is_empty() => e,
+                _ => return Err(StoreError::Damaged("its epoch is unreadable".into())),
+            },
             None => {
                 let e = new_epoch();
                 setup.put(EPOCH, e.as_bytes());
                 e
             }
         };
-        let next = backend.get(NEXT)?.and_then(|v| u64_of(&v)).unwrap_or(0);
+        let next = match backend.get(NEXT)? {
+            Some(v) => u64_of(&v)
+                .ok_or_else(|| StoreError::Damaged("its next sequence is unreadable".into()))?,
+            None => 0,
+        };
         let stats = match backend.get(STATS)?.and_then(|v| decode_stats(&v, next)) {
             Some(s) => s,
             // Written by a release that did not keep statistics: count once.
@@ -330,7 +341,10 @@ impl Ledger {
                 stats.head += 1;
             }
             batch.delete(event_key(seq));
-            batch.put(seq_key(QUARANTINE_PREFIX, seq), bytes);
+            batch.put(
+                seq_key(QUARANTINE_PREFIX, seq),
+                super::quarantine::entry(chrono::Utc::now(), &bytes),
+            );
             moved += 1;
         }
         if stats.records == 0 {
@@ -678,7 +692,7 @@ mod tests {
     }
 
     fn open(dir: &Path, c: &StoreConfig, names: &[&str]) -> Ledger {
-        crate::store::open(dir, c, &sinks(names)).unwrap()
+        crate::store::open(dir, c, &sinks(names)).unwrap().ledger
     }
 
     /// Each test runs on every backend: `store::ledger::tests::redb::…` and
@@ -1052,13 +1066,10 @@ mod tests {
         );
         assert_eq!(s.stats().records, 2);
         assert!(s.stats().bytes < before);
-        assert_eq!(
-            s.backend
-                .get(&seq_key(QUARANTINE_PREFIX, 1))
-                .unwrap()
-                .as_deref(),
-            Some(b"{not json".as_slice())
-        );
+        let kept = s.backend.get(&seq_key(QUARANTINE_PREFIX, 1)).unwrap();
+        let (at, bytes) = super::super::quarantine::read_entry(&kept.unwrap()).unwrap();
+        assert_eq!(bytes, b"{not json");
+        assert!(at.parse::<chrono::DateTime<Utc>>().is_ok(), "{at}");
 
         // A read that meets only undecodable records still moves past them.
         put_raw(&s, &event_key(2), b"\xff");

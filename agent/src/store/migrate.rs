@@ -16,6 +16,9 @@ use super::redb::{RedbBackend, FILE};
 use super::sled::{is_sled_file, SledBackend};
 use super::StoreError;
 
+/// The folder the copy is made in, inside the data directory.
+pub(super) const TMP: &str = "migrate.tmp";
+
 /// Entries per commit while copying: bounds the memory of one transaction.
 const CHUNK: usize = 1000;
 
@@ -27,7 +30,7 @@ pub fn sled_to_redb(dir: &Path, cache_capacity: u64) -> Result<(), StoreError> {
         // A copy finished before a crash: only the sled files are left to go.
         return remove_sled_files(dir);
     }
-    let tmp = dir.join("migrate.tmp");
+    let tmp = dir.join(TMP);
     remove_any(&tmp)?;
     let copied = {
         let from = SledBackend::open(dir, cache_capacity)?;
@@ -100,7 +103,7 @@ mod tests {
             ..StoreConfig::default()
         };
         let epoch = {
-            let s = open(dir.path(), &cfg, &sinks).unwrap();
+            let s = open(dir.path(), &cfg, &sinks).unwrap().ledger;
             let records: Vec<Record> = (0..2500).map(record).collect();
             let state = StateWrite {
                 replace_all: false,
@@ -113,7 +116,7 @@ mod tests {
         };
 
         cfg.backend = BackendKind::Redb;
-        let s = open(dir.path(), &cfg, &sinks).unwrap();
+        let s = open(dir.path(), &cfg, &sinks).unwrap().ledger;
         assert_eq!(s.epoch(), epoch, "ids stay what they were");
         assert_eq!(s.cursor("a").unwrap(), 10);
         assert_eq!(s.stats().records, 2490);

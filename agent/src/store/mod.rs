@@ -12,6 +12,8 @@
 //! pure functions in this file.
 
 pub mod backend;
+#[cfg(test)]
+mod damage_test;
 pub mod dead_letter;
 mod fs;
 pub mod ledger;
@@ -20,10 +22,11 @@ mod migrate;
 mod model_test;
 #[cfg(test)]
 mod power_cut_test;
+pub mod quarantine;
 pub mod redb;
 pub mod sled;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::collections::BTreeMap;
 
@@ -138,10 +141,71 @@ pub enum BackendKind {
     Sled,
 }
 
+/// What [`open`] found.
+pub struct Opened {
+    pub ledger: ledger::Ledger,
+    /// Set when the store's files were damaged and moved aside: `ledger` is then a
+    /// fresh store, with a new epoch.
+    pub quarantined: Option<Quarantined>,
+}
+
+/// A damaged store moved aside by [`open`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quarantined {
+    /// The folder that now holds its files, `<data_dir>/quarantine/<UTC time>`.
+    pub moved_to: PathBuf,
+    /// Why it could not be opened.
+    pub error: String,
+}
+
 /// Opens (or creates) the store in `dir` with the configured backend, for the
 /// given sinks. A sled store left by an earlier release is moved into redb first
 /// when redb is configured, so an upgrade keeps the buffered readings.
-pub fn open(dir: &Path, cfg: &StoreConfig, sinks: &[String]) -> Result<ledger::Ledger, StoreError> {
+///
+/// A store whose files are damaged or are not a store ([`StoreError::Damaged`], or
+/// a panic inside the backend) is moved aside into `dir/quarantine/<UTC time>/`
+/// and a fresh store is opened in its place: see [`quarantine`]. Any other failure
+/// (in use by another process, permissions, a full disk) is returned as it is,
+/// with the files left alone.
+pub fn open(dir: &Path, cfg: &StoreConfig, sinks: &[String]) -> Result<Opened, StoreError> {
+    match quarantine::guarded(|| open_files(dir, cfg, sinks)) {
+        Err(StoreError::Damaged(error)) => {
+            let moved_to = quarantine::move_aside(dir, Utc::now()).map_err(|e| {
+                StoreError::Backend(format!(
+                    "the store's files are damaged ({error}) and cannot be moved aside \
+                     (nothing was deleted): {e}"
+                ))
+            })?;
+            // Once: a fresh store that fails too is not retried.
+            let ledger = quarantine::guarded(|| open_files(dir, cfg, sinks))?;
+            Ok(Opened {
+                ledger,
+                quarantined: Some(Quarantined { moved_to, error }),
+            })
+        }
+        opened => opened.map(|ledger| Opened {
+            ledger,
+            quarantined: None,
+        }),
+    }
+}
+
+/// Opens the store as [`open`] does, but leaves a damaged one where it is and
+/// returns [`StoreError::Damaged`]: for tools that look into a stopped agent's
+/// store (`ferry dead-letters`), which must not replace it behind the agent's back.
+pub fn open_as_is(
+    dir: &Path,
+    cfg: &StoreConfig,
+    sinks: &[String],
+) -> Result<ledger::Ledger, StoreError> {
+    quarantine::guarded(|| open_files(dir, cfg, sinks))
+}
+
+fn open_files(
+    dir: &Path,
+    cfg: &StoreConfig,
+    sinks: &[String],
+) -> Result<ledger::Ledger, StoreError> {
     let backend: Box<dyn backend::Backend> = match cfg.backend {
         BackendKind::Redb => {
             migrate::sled_to_redb(dir, cfg.cache_capacity.0)?;
@@ -268,6 +332,9 @@ pub enum StoreError {
     InUse(String),
     #[error("a stored record cannot be read: {0}")]
     Corrupt(String),
+    /// The store's files are damaged or are not a store: [`open`] moves them aside.
+    #[error("the store's files are damaged or not a store: {0}")]
+    Damaged(String),
 }
 
 /// Changes to the rule engine's saved state, one entry per rule and device, so that

@@ -138,7 +138,9 @@ fn open(kind: BackendKind, dir: &Path, when_full: WhenFull) -> impl Store {
         ..StoreConfig::default()
     };
     let sinks: Vec<String> = SINKS.iter().map(|s| s.to_string()).collect();
-    super::open(dir, &cfg, &sinks).expect("the store opens")
+    super::open(dir, &cfg, &sinks)
+        .expect("the store opens")
+        .ledger
 }
 
 fn run(kind: BackendKind, when_full: WhenFull, ops: &[Op]) -> Result<(), TestCaseError> {

@@ -37,6 +37,8 @@ const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ferry");
 fn backend(e: impl Into<redb::Error>) -> StoreError {
     let e: redb::Error = e.into();
     match &e {
+        // Damage first: "not a redb database" and a file cut short are I/O errors.
+        _ if super::quarantine::redb_means_damage(&e) => StoreError::Damaged(e.to_string()),
         redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
             StoreError::NoSpace(e.to_string())
         }
@@ -74,6 +76,15 @@ impl RedbBackend {
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
         create_private_dir(dir)?;
         let path = dir.join(FILE);
+        // redb would take an empty file for a new store. But a store is never empty
+        // once created (its header is written first), and an empty file is what a
+        // file system can leave of one after a power cut: say so, by quarantining
+        // it, rather than start afresh without a word.
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            return Err(StoreError::Damaged(format!(
+                "{FILE} is empty (zero length)"
+            )));
+        }
         let new = !path.exists();
         let location = Location::File(path);
         let db = open_database(&location, cache_capacity)?;

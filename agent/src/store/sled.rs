@@ -17,7 +17,11 @@ use super::StoreError;
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    if super::quarantine::sled_means_damage(&e) {
+        StoreError::Damaged(e.to_string())
+    } else {
+        StoreError::Backend(e.to_string())
+    }
 }
 
 pub struct SledBackend {
@@ -142,9 +146,9 @@ impl Backend for SledBackend {
 }
 
 /// Where [`SledBackend::reclaim`] builds the fresh files, inside the data directory.
-const COMPACT_DIR: &str = "compact.new";
+pub(super) const COMPACT_DIR: &str = "compact.new";
 /// Written (synced) once the fresh files are complete: their names, one a line.
-const COMPACT_MANIFEST: &str = "compact.manifest";
+pub(super) const COMPACT_MANIFEST: &str = "compact.manifest";
 
 fn open_db(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     let config = sled::Config::new()
@@ -253,13 +257,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg();
         {
-            let s = crate::store::open(dir.path(), &c, &sinks()).unwrap();
+            let s = crate::store::open(dir.path(), &c, &sinks()).unwrap().ledger;
             s.append(&[record()], &StateWrite::default()).unwrap();
         }
         // A crash while the fresh files were being written.
         std::fs::create_dir_all(dir.path().join(COMPACT_DIR)).unwrap();
         std::fs::write(dir.path().join(COMPACT_DIR).join("db"), b"half").unwrap();
-        let s = crate::store::open(dir.path(), &c, &sinks()).unwrap();
+        let s = crate::store::open(dir.path(), &c, &sinks()).unwrap().ledger;
         assert_eq!(s.stats().records, 1);
         assert!(!dir.path().join(COMPACT_DIR).exists());
     }
@@ -270,12 +274,12 @@ mod tests {
         let c = cfg();
         let fresh = dir.path().join(COMPACT_DIR);
         {
-            let s = crate::store::open(dir.path(), &c, &sinks()).unwrap();
+            let s = crate::store::open(dir.path(), &c, &sinks()).unwrap().ledger;
             s.append(&[record()], &StateWrite::default()).unwrap();
         }
         {
             // The fresh files: a store with one cursor at 7.
-            let s = crate::store::open(&fresh, &c, &sinks()).unwrap();
+            let s = crate::store::open(&fresh, &c, &sinks()).unwrap().ledger;
             s.advance("a", 7).unwrap();
         }
         let names: Vec<String> = std::fs::read_dir(&fresh)
@@ -286,7 +290,7 @@ mod tests {
         // Cut after moving one of the fresh files in.
         std::fs::rename(fresh.join("conf"), dir.path().join("conf")).unwrap();
 
-        let s = crate::store::open(dir.path(), &c, &sinks()).unwrap();
+        let s = crate::store::open(dir.path(), &c, &sinks()).unwrap().ledger;
         assert_eq!(s.cursor("a").unwrap(), 7);
         assert!(!fresh.exists());
         assert!(!dir.path().join(COMPACT_MANIFEST).exists());
