@@ -209,6 +209,26 @@ fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
+/// Freed memory glibc keeps inside its arenas (between blocks still in use) counts
+/// in the resident set until it is handed back: under load that was as much again
+/// as the heap in use (docs/BENCHMARKS.md). `malloc_trim` hands it back; every
+/// 10 s is rare enough to cost nothing measurable and to leave an idle agent idle.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+async fn trim_allocator() {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        // SAFETY: malloc_trim only walks glibc's own arenas under their locks.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+async fn trim_allocator() {}
+
 fn check(path: &std::path::Path) -> ExitCode {
     let (loaded, mut problems) = Loaded::check_file(path);
     let mut summary = String::new();
@@ -471,6 +491,7 @@ fn run(config: PathBuf, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
+        tokio::spawn(trim_allocator());
         match ferry_agent::pipeline::run(loaded, data_dir, shutdown).await {
             Err(ferry_agent::pipeline::StartError::Rules(diagnostics)) => {
                 // One log line per mistake, as for the config.
