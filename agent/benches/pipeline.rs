@@ -15,10 +15,12 @@
 //! and lets `--broker-inflight` (mosquitto `max_inflight_messages`, default 20)
 //! unacknowledged messages be in flight to ferry, which bounds ferry's group commits.
 //!
-//! Prints readings/s delivered, readings lost, duplicates, and ferry's peak RSS
-//! (VmHWM). With `--offline` the upstream is down while the readings are published,
-//! so they are all buffered first; it then also prints the store's size on disk with
-//! everything buffered and how fast the backlog drains once the upstream is back.
+//! Prints readings/s delivered, readings lost, duplicates, ferry's CPU time and
+//! its peak RSS (VmHWM). `FERRY_BIN=path/to/ferry` measures that binary instead of
+//! the one cargo built (e.g. a static musl build). With `--offline` the upstream is
+//! down while the readings are published, so they are all buffered first; it then
+//! also prints the store's size on disk with everything buffered and how fast the
+//! backlog drains once the upstream is back.
 //! It is a command that prints figures, not a test: results go in
 //! docs/BENCHMARKS.md with the command that produced them.
 
@@ -102,6 +104,20 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// CPU time a process used so far (user + system), in seconds: what a build costs
+/// per reading, which the end-to-end rate hides when the publisher is the bottleneck.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses: state is field 3,
+    // utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
 }
 
 /// Bytes of all files under `dir`.
@@ -215,6 +231,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let rss = peak_rss_kib(pid);
+    let cpu = cpu_seconds(pid);
     let rss_after = rss_kib(pid);
     let disk_after = dir_size(&agent.dir().join("data"));
     let elapsed = done_at.unwrap_or_else(|| drain_start.elapsed());
@@ -277,6 +294,12 @@ fn main() {
         args.readings.saturating_sub(delivered + dropped)
     );
     println!("duplicates            {}", total.saturating_sub(seen.len()));
+    if let Some(secs) = cpu {
+        println!(
+            "ferry CPU time        {secs:.2} s user + system = {:.1} µs per reading",
+            secs * 1e6 / args.readings as f64
+        );
+    }
     match rss {
         Some(kib) => println!("ferry peak RSS        {:.1} MiB", kib as f64 / 1024.0),
         None => println!("ferry peak RSS        unknown"),

@@ -1150,9 +1150,14 @@ retry = {{ min = "100ms", max = "1s" }}
     }
 }
 
-/// The real `ferry` binary.
+/// The real `ferry` binary: the one cargo built, or the one `FERRY_BIN` names (so a
+/// benchmark can measure another build, e.g. a static musl binary, with the same
+/// harness).
 pub fn ferry() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
+    match std::env::var_os("FERRY_BIN") {
+        Some(bin) if !bin.is_empty() => Command::new(bin),
+        _ => Command::new(env!("CARGO_BIN_EXE_ferry")),
+    }
 }
 
 /// A running `ferry run`, with its config, rules and data in a temp dir.
