@@ -3,7 +3,7 @@
 //! it on the same store each time, then count what arrived upstream.
 //!
 //! ```sh
-//! cargo bench -p ferry-agent --bench crash_battery -- [--kills N] [--seed N]
+//! cargo bench -p ferry-agent --bench crash_battery -- [--kills N] [--seed N] [--backend redb|sled]
 //! ```
 //!
 //! Prints kills, readings published (acknowledged by the broker to the publisher),
@@ -22,15 +22,17 @@ fn main() {
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
+    let mut backend = None;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
+            "--backend" => backend = it.next(),
             "--kills" => kills = it.next().and_then(|v| v.parse().ok()).unwrap_or(kills),
             "--seed" => seed = it.next().and_then(|v| v.parse().ok()).unwrap_or(seed),
             _ => {}
         }
     }
-    let b = support::run_battery(kills, seed, Duration::from_secs(600));
+    let b = support::run_battery_on(backend.as_deref(), kills, seed, Duration::from_secs(600));
     println!(
         "crash battery: SIGKILL at random moments under QoS 1 load (seed {})",
         b.seed

@@ -128,11 +128,20 @@ const RULE: &str =
 /// reload), restarting it each time on the same store. Then waits (up to
 /// `settle`) for every published reading to arrive and counts.
 pub fn run_battery(kills: usize, seed: u64, settle: Duration) -> Battery {
+    run_battery_on(None, kills, seed, settle)
+}
+
+/// [`run_battery`] on the given store backend (`None`: the default).
+pub fn run_battery_on(backend: Option<&str>, kills: usize, seed: u64, settle: Duration) -> Battery {
     // No cap on the broker's queue: a reading missing upstream is the agent's doing.
     let broker = Mosquitto::start_with("max_queued_messages 0");
     let receiver = Receiver::start();
     let config = TestConfig::new("gw-battery", &broker).http(&receiver.url(), "batch");
-    let mut agent = Agent::start(&config.toml(), &[("high.toml", RULE)]);
+    let mut toml = config.toml();
+    if let Some(backend) = backend {
+        toml = toml.replace("[store]\n", &format!("[store]\nbackend = {backend:?}\n"));
+    }
+    let mut agent = Agent::start(&toml, &[("high.toml", RULE)]);
     broker.wait_for_subscription(&config.client_id(), "sensors/+/telemetry");
     let stream = Stream::start(&broker, TOPIC, Duration::from_millis(2));
     let mut rng = Rng(seed | 1);

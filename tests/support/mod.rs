@@ -27,7 +27,7 @@ mod cable;
 pub use cable::{Cable, Heard};
 mod crash;
 #[allow(unused_imports)]
-pub use crash::{run_battery, Battery, Stream};
+pub use crash::{run_battery, run_battery_on, Battery, Stream};
 mod nats;
 #[allow(unused_imports)]
 pub use nats::NatsServer;
