@@ -27,10 +27,12 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::{dir_size, status_kib};
 use support::{eventually_within, Agent, Mosquitto, Receiver, TestConfig};
 
 struct Args {
@@ -82,30 +84,6 @@ fn args() -> Args {
     a
 }
 
-/// Peak resident set size of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Resident set size of a process now, in KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// CPU time a process used so far (user + system), in seconds: what a build costs
 /// per reading, which the end-to-end rate hides when the publisher is the bottleneck.
 fn cpu_seconds(pid: u32) -> Option<f64> {
@@ -118,21 +96,6 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf only reads a system constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| ticks as f64 / hz as f64)
-}
-
-/// Bytes of all files under `dir`.
-fn dir_size(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -230,9 +193,9 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let rss = peak_rss_kib(pid);
+    let rss = status_kib(&pid.to_string(), "VmHWM");
     let cpu = cpu_seconds(pid);
-    let rss_after = rss_kib(pid);
+    let rss_after = status_kib(&pid.to_string(), "VmRSS");
     let disk_after = dir_size(&agent.dir().join("data"));
     let elapsed = done_at.unwrap_or_else(|| drain_start.elapsed());
     let delivered = seen.len() as u64;

@@ -22,6 +22,10 @@
 use std::path::Path;
 use std::time::Instant;
 
+mod common;
+
+use common::{dir_size, status_kib};
+
 use ferry_agent::config::Bytes;
 use ferry_agent::store::{self, BackendKind, Record, StateWrite, Store, StoreConfig, WhenFull};
 
@@ -55,32 +59,7 @@ fn config(kind: BackendKind, cache: u64, max_bytes: u64) -> StoreConfig {
 }
 
 fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
+    status_kib("self", "VmHWM").unwrap_or(0)
 }
 
 fn mib(kib: u64) -> f64 {
