@@ -1081,11 +1081,23 @@ mod tests {
         assert_eq!(reopened.stats().records, 1);
     }
 
+    /// Bytes under `dir`. sled's background thread may remove a file between
+    /// the listing and its `stat`; a file gone by then uses no space.
     fn disk_use(dir: &Path) -> u64 {
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if gone(&e) => return 0,
+            Err(e) => panic!("listing {}: {e}", dir.display()),
+        };
         let mut total = 0;
-        for e in std::fs::read_dir(dir).unwrap() {
+        for e in entries {
             let e = e.unwrap();
-            let m = e.metadata().unwrap();
+            let m = match e.metadata() {
+                Ok(m) => m,
+                Err(err) if gone(&err) => continue,
+                Err(err) => panic!("stat {}: {err}", e.path().display()),
+            };
             total += if m.is_dir() {
                 disk_use(&e.path())
             } else {
