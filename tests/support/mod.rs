@@ -589,6 +589,8 @@ pub struct Request {
     pub wire_len: usize,
     /// The status the receiver answered.
     pub status: u16,
+    /// When the receiver had read the whole request (latency benchmarks).
+    pub at: std::time::SystemTime,
 }
 
 impl Request {
@@ -712,6 +714,7 @@ impl Receiver {
                     };
                     let mut body = Vec::new();
                     let _ = req.as_reader().read_to_end(&mut body);
+                    let at = std::time::SystemTime::now();
                     let headers: Vec<(String, String)> = req
                         .headers()
                         .iter()
@@ -747,6 +750,7 @@ impl Receiver {
                             body,
                             wire_len,
                             status,
+                            at,
                         });
                         status
                     };
@@ -793,6 +797,13 @@ impl Receiver {
     }
 
     /// Requests answered 2xx.
+    /// The requests from the `from`th on, in arrival order (a benchmark reads only
+    /// what is new).
+    pub fn requests_from(&self, from: usize) -> Vec<Request> {
+        let st = self.state.lock().unwrap();
+        st.requests.get(from..).unwrap_or_default().to_vec()
+    }
+
     pub fn accepted(&self) -> Vec<Request> {
         self.requests()
             .into_iter()
