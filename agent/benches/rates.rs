@@ -4,7 +4,8 @@
 //!
 //! ```sh
 //! cargo bench -p ferry-agent --bench rates -- [--rate 100|2000|full ...]
-//!     [--seconds S] [--readings N] [--devices N]
+//!     [--seconds S] [--readings N] [--devices N] [--linger DURATION]
+//!     [--broker-inflight N]
 //! ```
 //!
 //! For each rate (default: 100/s, 2,000/s and full speed) it starts a fresh
@@ -22,7 +23,10 @@
 //! publish until everything has arrived), their ratio, p50/p99 latency, readings/s
 //! delivered and peak RSS (`VmHWM`). Figures are only comparable within one run:
 //! the machine is shared. `FERRY_BIN=path/to/ferry` measures another build (e.g. a
-//! static musl binary). Results go in docs/BENCHMARKS.md with the command.
+//! static musl binary); `--linger` sets `store.commit_linger` (default: ferry's);
+//! `--broker-inflight N` sets mosquitto's `max_inflight_messages` (default 20, its
+//! own default) and the source's `broker_inflight` to match (default: ferry's).
+//! Results go in docs/BENCHMARKS.md with the command.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -73,6 +77,8 @@ struct Args {
     seconds: f64,
     readings: u64,
     devices: u32,
+    linger: Option<String>,
+    inflight: Option<u32>,
 }
 
 fn args() -> Args {
@@ -81,6 +87,8 @@ fn args() -> Args {
         seconds: 20.0,
         readings: 100_000,
         devices: 20,
+        linger: None,
+        inflight: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -96,6 +104,8 @@ fn args() -> Args {
             "--seconds" => a.seconds = value().parse().unwrap_or(a.seconds),
             "--readings" => a.readings = value().parse().unwrap_or(a.readings),
             "--devices" => a.devices = value().parse().unwrap_or(a.devices).max(1),
+            "--linger" => a.linger = Some(value()),
+            "--broker-inflight" => a.inflight = value().parse().ok(),
             // `cargo bench` passes `--bench`; ignore what we do not know.
             _ => {}
         }
@@ -118,7 +128,7 @@ fn main() {
             Rate::PerSecond(r) => (r as f64 * args.seconds).round() as u64,
             Rate::Full => args.readings,
         };
-        let row = run(rate, readings, args.devices);
+        let row = run(rate, readings, &args);
         row.print();
         rows.push(row);
     }
@@ -187,14 +197,30 @@ impl Row {
     }
 }
 
-fn run(rate: Rate, readings: u64, devices: u32) -> Row {
-    let broker = Mosquitto::start_with("max_queued_messages 10000000");
+fn run(rate: Rate, readings: u64, args: &Args) -> Row {
+    let broker = Mosquitto::start_with(&format!(
+        "max_queued_messages 10000000\nmax_inflight_messages {}",
+        args.inflight.unwrap_or(20)
+    ));
     let receiver = Receiver::start();
     let mut cfg = TestConfig::new("bench", &broker).http(&receiver.url(), "batch");
     cfg.batch_max = 500;
     cfg.topics = vec![TOPICS.to_string()];
     cfg.store_max_bytes = "256MiB".to_string();
-    let agent = Agent::start(&cfg.toml(), &[("bench.toml", RULES)]);
+    let mut config = cfg.toml();
+    if let Some(n) = args.inflight {
+        config = config.replace(
+            "\nqos = 1\n",
+            &format!("\nqos = 1\nbroker_inflight = {n}\n"),
+        );
+    }
+    if let Some(linger) = &args.linger {
+        config = config.replace(
+            "\n[store]\n",
+            &format!("\n[store]\ncommit_linger = {linger:?}\n"),
+        );
+    }
+    let agent = Agent::start(&config, &[("bench.toml", RULES)]);
     broker.wait_for_subscription(&cfg.client_id(), TOPICS);
     let ferry_pid = agent.pid().expect("agent running");
     let bare = Bare::start(broker.port(), readings);
@@ -205,7 +231,7 @@ fn run(rate: Rate, readings: u64, devices: u32) -> Row {
     let bare_cpu = CpuClock::of(bare.child.id());
     let (ferry_cpu0, bare_cpu0) = (ferry_cpu.now(), bare_cpu.now());
     let start = SystemTime::now();
-    let published = publish(broker.port(), readings, rate, devices);
+    let published = publish(broker.port(), readings, rate, args.devices);
     let published_per_second = readings as f64 / published.as_secs_f64();
 
     // Wait for everything to arrive on both sides.

@@ -21,6 +21,7 @@
 //! - [`sinks`]: the `Sink` trait and the registry of kinds (`http`, `mqtt`, `nats`, `console`), each
 //!   with its config, build and CloudEvents binding; the transport-neutral event;
 //!   the forwarding loop with its retries.
+//! - [`group_commit`]: how long a commit waits for more input (pure).
 //! - [`pipeline`]: wires the stages together with bounded channels and owns shutdown.
 //! - [`backoff`], [`ratelimit`], [`telemetry`]: small shared pieces.
 //!
@@ -30,6 +31,7 @@ pub mod backoff;
 pub mod config;
 pub mod dead_letters;
 pub mod decode;
+pub mod group_commit;
 pub mod ingest;
 pub mod modbus;
 pub mod pipeline;

@@ -33,6 +33,7 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::Backoff;
 use crate::config::{BackoffConfig, Loaded};
 use crate::decode::{self, Clock, DecodeConfig, DecodeError, DeviceTemplate, Reading};
+use crate::group_commit::{self, Gathering};
 use crate::ingest::serial::{SerialSource, WriteQueue};
 use crate::ingest::{
     modbus::ModbusSource, mqtt::MqttSource, simulator, Admitted, Inlet, Input, Origin, Payload,
@@ -213,7 +214,7 @@ pub async fn run(
                 .clone()
                 .unwrap_or_else(|| format!("ferry-{agent_id}-{}", s.name)),
             password,
-            origin: Origin::new(&agent_id, "mqtt", &s.name, Some(decode)),
+            origin: Origin::windowed(&agent_id, "mqtt", &s.name, Some(decode), s.broker_inflight),
             cfg: s.clone(),
         };
         let actions = if actuator_name.as_deref() == Some(s.name.as_str()) {
@@ -262,6 +263,10 @@ pub async fn run(
         stop_watch.clone(),
     ));
     let commit = Committer {
+        group: group_commit::Policy {
+            linger: cfg.store.commit_linger.0,
+            max_inputs: BATCH,
+        },
         rules,
         store: Arc::clone(&store),
         head: head_tx,
@@ -538,6 +543,8 @@ impl Actuators {
 
 /// Decodes, evaluates and commits inputs in arrival order, then runs their acks.
 struct Committer {
+    /// How long a batch gathers before it is committed.
+    group: group_commit::Policy,
     rules: RuleSet,
     store: Arc<dyn Store>,
     head: watch::Sender<u64>,
@@ -587,6 +594,7 @@ impl Committer {
                         self.save_progress_at_exit().await;
                         return;
                     }
+                    self.gather(&mut rx, &mut inputs, &shutdown).await;
                     for Admitted { input, .. } in inputs.drain(..) {
                         self.take(input, &mut batch);
                     }
@@ -609,6 +617,45 @@ impl Committer {
             }
             if !self.settle(batch, &shutdown).await {
                 return;
+            }
+        }
+    }
+
+    /// Lets more input join a batch whose first inputs are in `inputs`, until the
+    /// linger is over or waiting cannot bring more ([`crate::group_commit`]). A
+    /// closed channel ends it too: what came is committed, and the next receive
+    /// sees the end.
+    async fn gather(
+        &self,
+        rx: &mut mpsc::Receiver<Admitted>,
+        inputs: &mut Vec<Admitted>,
+        shutdown: &CancellationToken,
+    ) {
+        if self.group.linger.is_zero() {
+            return;
+        }
+        let mut gathering = Gathering::new(&self.group);
+        let count = |g: &mut Gathering, new: &[Admitted]| {
+            for a in new {
+                let origin = &a.input.origin;
+                g.add(&origin.name, a.input.ack.as_ref().and(origin.window));
+            }
+        };
+        count(&mut gathering, inputs);
+        let deadline = tokio::time::Instant::now() + self.group.linger;
+        let mut more = Vec::new();
+        while !gathering.complete() {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => return,
+                n = rx.recv_many(&mut more, gathering.room()) => {
+                    if n == 0 {
+                        return;
+                    }
+                    count(&mut gathering, &more);
+                    inputs.append(&mut more);
+                }
             }
         }
     }
@@ -1148,6 +1195,10 @@ emit = { type = "com.example.hot" }
         }];
         let rules = RuleSet::compile(&files, &CheckOptions::default()).unwrap();
         Committer {
+            group: group_commit::Policy {
+                linger: Duration::ZERO,
+                max_inputs: BATCH,
+            },
             rules,
             store: Arc::clone(store) as Arc<dyn Store>,
             head: watch::channel(0).0,
@@ -1350,6 +1401,94 @@ emit = { type = "com.example.hot" }
             })
         );
         assert!(r.is_for("any sink"));
+    }
+
+    /// An input of `origin` that waits for an acknowledgement (`acked`) or not.
+    fn input(origin: &Arc<Origin>, n: usize, acked: bool) -> Input {
+        Input {
+            origin: Arc::clone(origin),
+            payload: raw("d1", &format!(r#"{{"n":{n}}}"#)),
+            received: chrono::Utc::now(),
+            ack: acked.then(|| Box::new(|| {}) as crate::ingest::Ack),
+            delivery: None,
+        }
+    }
+
+    /// Sends `inputs` `gap` apart, the first at once, and gathers a batch from the
+    /// first on: what was gathered and how long it took.
+    async fn gather_from(c: &Committer, inputs: Vec<Input>, gap: Duration) -> (usize, Duration) {
+        let (inlet, mut rx) = Inlet::channel(64, 1 << 20);
+        let sender = tokio::spawn(async move {
+            for (i, input) in inputs.into_iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                if inlet.send(input).await.is_err() {
+                    return;
+                }
+            }
+            // Keep the channel open: its end would end the gathering too.
+            std::future::pending::<()>().await;
+        });
+        let mut batch = Vec::new();
+        rx.recv_many(&mut batch, BATCH).await;
+        let start = tokio::time::Instant::now();
+        c.gather(&mut rx, &mut batch, &CancellationToken::new())
+            .await;
+        sender.abort();
+        (batch.len(), start.elapsed())
+    }
+
+    fn lingering(store: &Arc<Recorder>, linger: Duration) -> Committer {
+        let mut c = committer(store);
+        c.group = group_commit::Policy {
+            linger,
+            max_inputs: BATCH,
+        };
+        c
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_takes_in_what_arrives_within_the_linger_and_no_later() {
+        let c = lingering(&Arc::new(Recorder::default()), Duration::from_millis(5));
+        let local = origin();
+        let inputs = (0..4).map(|n| input(&local, n, true)).collect();
+        // Arrivals at 0, 2, 4 and 6 ms: the last comes after the linger.
+        let (gathered, took) = gather_from(&c, inputs, Duration::from_millis(2)).await;
+        assert_eq!(gathered, 3);
+        assert_eq!(took, Duration::from_millis(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_holding_a_brokers_whole_window_is_committed_without_waiting() {
+        let c = lingering(&Arc::new(Recorder::default()), Duration::from_millis(50));
+        let broker = Origin::windowed("gw", "mqtt", "local", None, 3);
+        let inputs = (0..5).map(|n| input(&broker, n, true)).collect();
+        let (gathered, took) = gather_from(&c, inputs, Duration::from_millis(1)).await;
+        assert_eq!(
+            gathered, 3,
+            "the broker sends no more until these are acknowledged"
+        );
+        assert_eq!(took, Duration::from_millis(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inputs_that_wait_for_no_acknowledgement_do_not_fill_a_window() {
+        let c = lingering(&Arc::new(Recorder::default()), Duration::from_millis(10));
+        let broker = Origin::windowed("gw", "mqtt", "local", None, 2);
+        let inputs = (0..5).map(|n| input(&broker, n, false)).collect();
+        let (gathered, took) = gather_from(&c, inputs, Duration::from_millis(1)).await;
+        assert_eq!(gathered, 5);
+        assert_eq!(took, Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_linger_a_batch_is_what_was_queued() {
+        let c = lingering(&Arc::new(Recorder::default()), Duration::ZERO);
+        let local = origin();
+        let inputs = (0..3).map(|n| input(&local, n, true)).collect();
+        let (gathered, took) = gather_from(&c, inputs, Duration::from_millis(1)).await;
+        assert_eq!((gathered, took), (1, Duration::ZERO));
     }
 
     #[tokio::test]

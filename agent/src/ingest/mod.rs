@@ -33,6 +33,10 @@ pub struct Origin {
     /// How raw payloads from this source are decoded; `None` for sources that
     /// build readings themselves.
     pub decode: Option<DecodeConfig>,
+    /// How many of this source's inputs its producer lets wait unacknowledged (an
+    /// MQTT broker's in-flight limit), if it has such a limit: once that many wait,
+    /// no more come until a commit acknowledges them ([`crate::group_commit`]).
+    pub window: Option<usize>,
 }
 
 impl Origin {
@@ -41,6 +45,24 @@ impl Origin {
             name: name.to_string(),
             uri: format!("/ferry/{agent}/{kind}/{name}"),
             decode,
+            window: None,
+        })
+    }
+
+    /// A source whose producer sends at most `window` inputs before it waits for
+    /// their acknowledgements.
+    pub fn windowed(
+        agent: &str,
+        kind: &str,
+        name: &str,
+        decode: Option<DecodeConfig>,
+        window: usize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.to_string(),
+            uri: format!("/ferry/{agent}/{kind}/{name}"),
+            decode,
+            window: Some(window.max(1)),
         })
     }
 }

@@ -88,6 +88,14 @@ pub struct MqttSourceConfig {
     /// the connection: keep the broker's own limit (mosquitto `message_size_limit`) below that.
     #[serde(default = "default_max_payload")]
     pub max_payload: Bytes,
+    /// How many QoS 1 publishes the broker sends this client before it waits for
+    /// their PUBACKs (mosquitto `max_inflight_messages`, 20 by default; EMQX 32;
+    /// HiveMQ 10). A commit starts as soon as this many readings of the source
+    /// wait for it, instead of lingering (`store.commit_linger`) while the broker
+    /// waits too. Lower than the broker's only costs a few more commits; higher
+    /// stalls a busy source for the linger on every commit. Default 10.
+    #[serde(default = "default_broker_inflight")]
+    pub broker_inflight: usize,
     /// MQTT keep-alive interval. Default 30s.
     #[serde(default = "default_keep_alive")]
     pub keep_alive: Dur,
@@ -108,6 +116,10 @@ fn default_time_field() -> Option<String> {
 fn default_max_payload() -> Bytes {
     Bytes(256 * 1024)
 }
+fn default_broker_inflight() -> usize {
+    10
+}
+
 fn default_keep_alive() -> Dur {
     Dur(Duration::from_secs(30))
 }
@@ -221,6 +233,13 @@ impl MqttSourceConfig {
             out.push(problem!(
                 ["source", "mqtt", i, "keep_alive"],
                 "source {n:?}: keep_alive must be whole seconds from 1s to 65535s"
+            ));
+        }
+        // MQTT packet ids are 16 bits: no broker has more in flight to one client.
+        if !(1..=usize::from(u16::MAX)).contains(&self.broker_inflight) {
+            out.push(problem!(
+                ["source", "mqtt", i, "broker_inflight"],
+                "source {n:?}: broker_inflight must be from 1 to 65535"
             ));
         }
         out.extend(self.reconnect.validate(&[

@@ -34,7 +34,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::{problem, Bytes, Problem};
+use crate::config::{problem, Bytes, Dur, Problem};
 pub use dead_letter::{DeadLetter, EventOrigin, NewDeadLetter, Replayed};
 
 /// `[store]`
@@ -66,6 +66,18 @@ pub struct StoreConfig {
     /// Bytes of dead letters kept, on top of `max_bytes`. Default 16MiB.
     #[serde(default = "default_dead_letters_max_bytes")]
     pub dead_letters_max_bytes: Bytes,
+    /// How long a commit waits after its first input for more to join it. Every
+    /// commit is fsync'd and wakes the sinks, so a few milliseconds here turn a
+    /// commit per handful of readings into one per a few dozen at everyday rates
+    /// (docs/BENCHMARKS.md); it adds at most this much latency. A commit does not
+    /// wait once an MQTT source has `broker_inflight` readings in it. `0s` commits
+    /// whatever is queued at once. Default 5ms, at most 1s.
+    #[serde(default = "default_commit_linger")]
+    pub commit_linger: Dur,
+}
+
+fn default_commit_linger() -> Dur {
+    Dur(std::time::Duration::from_millis(5))
 }
 
 fn default_dead_letters_max() -> usize {
@@ -96,6 +108,7 @@ impl Default for StoreConfig {
             cache_capacity: default_cache(),
             dead_letters_max: default_dead_letters_max(),
             dead_letters_max_bytes: default_dead_letters_max_bytes(),
+            commit_linger: default_commit_linger(),
         }
     }
 }
@@ -127,6 +140,12 @@ impl StoreConfig {
             out.push(problem!(
                 ["store", "dead_letters_max_bytes"],
                 "store.dead_letters_max_bytes must be at most 1GiB"
+            ));
+        }
+        if self.commit_linger.0 > std::time::Duration::from_secs(1) {
+            out.push(problem!(
+                ["store", "commit_linger"],
+                "store.commit_linger must be at most 1s: every reading waits up to this long"
             ));
         }
         out
