@@ -36,7 +36,8 @@ mod common;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::status_kib;
@@ -165,11 +166,28 @@ struct Side {
     peak_rss_mib: f64,
 }
 
+/// The largest anonymous and file-backed resident memory seen while sampling.
+#[derive(Default)]
+struct Split {
+    anon_kib: u64,
+    file_kib: u64,
+}
+
+impl Split {
+    fn sample(&mut self, pid: u32) {
+        let pid = pid.to_string();
+        self.anon_kib = self.anon_kib.max(status_kib(&pid, "RssAnon").unwrap_or(0));
+        self.file_kib = self.file_kib.max(status_kib(&pid, "RssFile").unwrap_or(0));
+    }
+}
+
 struct Row {
     rate: Rate,
     readings: u64,
     published_per_second: f64,
     ferry: Side,
+    /// ferry's resident memory split, sampled every 50 ms.
+    ferry_split: Split,
     bare: Side,
     lost: u64,
     duplicates: u64,
@@ -188,6 +206,11 @@ impl Row {
                 s.cpu_us_per_reading, s.p50_ms, s.p99_ms, s.per_second, s.peak_rss_mib
             );
         }
+        println!(
+            "  ferry resident memory, largest sampled: {:.1} MiB anonymous, {:.1} MiB file-backed (its binary and libraries)",
+            self.ferry_split.anon_kib as f64 / 1024.0,
+            self.ferry_split.file_kib as f64 / 1024.0
+        );
         println!(
             "  ferry / bare CPU {:.1}×; ferry lost {}, duplicates {}",
             self.ferry.cpu_us_per_reading / self.bare.cpu_us_per_reading,
@@ -230,6 +253,18 @@ fn run(rate: Rate, readings: u64, args: &Args) -> Row {
     let ferry_cpu = CpuClock::of(ferry_pid);
     let bare_cpu = CpuClock::of(bare.child.id());
     let (ferry_cpu0, bare_cpu0) = (ferry_cpu.now(), bare_cpu.now());
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = Arc::clone(&sampling);
+        std::thread::spawn(move || {
+            let mut split = Split::default();
+            while sampling.load(Ordering::Relaxed) {
+                split.sample(ferry_pid);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            split
+        })
+    };
     let start = SystemTime::now();
     let published = publish(broker.port(), readings, rate, args.devices);
     let published_per_second = readings as f64 / published.as_secs_f64();
@@ -262,6 +297,8 @@ fn run(rate: Rate, readings: u64, args: &Args) -> Row {
     let bare_cpu_used = bare_cpu.now().saturating_sub(bare_cpu0);
     let peak = |pid: u32| status_kib(&pid.to_string(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
     let ferry_rss = peak(ferry_pid);
+    sampling.store(false, Ordering::Relaxed);
+    let split = sampler.join().expect("memory sampler");
     let bare_rss = peak(bare.child.id());
     drop(bare);
     drop(agent);
@@ -283,6 +320,7 @@ fn run(rate: Rate, readings: u64, args: &Args) -> Row {
             per_second: rate_until(ferry_last),
             peak_rss_mib: ferry_rss,
         },
+        ferry_split: split,
         bare: Side {
             cpu_us_per_reading: per_reading(bare_cpu_used),
             p50_ms: bare_report.p50_ms,

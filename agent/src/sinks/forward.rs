@@ -9,6 +9,12 @@
 //! 5xx, 429 — is retried with jittered backoff, with the same ids, for as long as it
 //! takes: the store is what absorbs the outage.
 //!
+//! The cursor moves in memory with every settled request, but is written to the
+//! store (which also trims what every sink has passed) at most every
+//! [`SAVE_CURSOR_EVERY`], when the sink falls idle, and when it stops: a store
+//! write per request cost as much as the request at everyday rates. A crash
+//! resends, with the same ids, at most what was settled since the last write.
+//!
 //! Up to `max_in_flight` requests run at once. With more than one, a later request
 //! may land before an earlier one that is being retried; with one (the default),
 //! the upstream sees events in store order.
@@ -25,6 +31,34 @@ use super::{Delivery, Event, Sink};
 use crate::backoff::Backoff;
 use crate::ratelimit::RateLimit;
 use crate::store::{NewDeadLetter, Store, StoreError};
+
+/// How often a moving cursor is written to the store.
+pub const SAVE_CURSOR_EVERY: Duration = Duration::from_millis(250);
+
+/// Where a sink is, and what of it the store has (pure bookkeeping).
+#[derive(Debug)]
+struct Position {
+    /// Past everything settled.
+    at: u64,
+    /// What the store was last told.
+    saved: u64,
+    saved_when: Instant,
+}
+
+impl Position {
+    fn new(at: u64, now: Instant) -> Self {
+        Position {
+            at,
+            saved: at,
+            saved_when: now,
+        }
+    }
+
+    /// When the position should next be written, if it has moved since.
+    fn save_due(&self) -> Option<Instant> {
+        (self.at > self.saved).then(|| self.saved_when + SAVE_CURSOR_EVERY)
+    }
+}
 
 /// Runs one sink until cancelled. A store error (a failing disk) does not end it:
 /// the sink logs, waits, and starts again from its durable cursor.
@@ -55,6 +89,56 @@ async fn run_sink(
     cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
     let name = sink.name().to_string();
+    let cursor = blocking(store, {
+        let name = name.clone();
+        move |s| s.cursor(&name)
+    })
+    .await?;
+    let mut pos = Position::new(cursor, Instant::now());
+    let result = forward(sink, store, &mut head, cancel, &mut pos).await;
+    // Stopping, or a store error: write down how far the sink got, if it can.
+    if pos.save_due().is_some() {
+        if let Err(error) = advance(store, &name, pos.at).await {
+            warn!(sink = %name, %error, "cannot save the sink's position; it resends from the last one saved");
+        }
+    }
+    result
+}
+
+/// Writes the position to the store if it is due.
+async fn save_if_due(
+    store: &Arc<dyn Store>,
+    name: &str,
+    pos: &mut Position,
+    now: Instant,
+) -> Result<(), StoreError> {
+    if pos.save_due().is_some_and(|due| due <= now) {
+        save(store, name, pos, now).await?;
+    }
+    Ok(())
+}
+
+async fn save(
+    store: &Arc<dyn Store>,
+    name: &str,
+    pos: &mut Position,
+    now: Instant,
+) -> Result<(), StoreError> {
+    advance(store, name, pos.at).await?;
+    pos.saved = pos.at;
+    pos.saved_when = now;
+    Ok(())
+}
+
+/// The sink's loop; `pos` is how far it got, whatever the outcome.
+async fn forward(
+    sink: &dyn Sink,
+    store: &Arc<dyn Store>,
+    head: &mut watch::Receiver<u64>,
+    cancel: &CancellationToken,
+    pos: &mut Position,
+) -> Result<(), StoreError> {
+    let name = sink.name().to_string();
     let mut backoff = Backoff::new(sink.retry());
     let per_request = sink.per_request().max(1);
     let in_flight = sink.max_in_flight().max(1);
@@ -65,18 +149,14 @@ async fn run_sink(
     let mut failing = false;
     // One bad producer can make every event refused: keep the journal readable.
     let mut refusal_log = RateLimit::new(10, Duration::from_secs(60));
-
-    let mut cursor = blocking(store, {
-        let name = name.clone();
-        move |s| s.cursor(&name)
-    })
-    .await?;
     let max_message = sink.max_message();
     // An oversize producer would otherwise fill the journal, one line per event.
     let mut too_large_log = RateLimit::new(10, Duration::from_secs(60));
-    info!(sink = %name, kind = sink.kind(), cursor, ?max_message, "sink started");
+    info!(sink = %name, kind = sink.kind(), cursor = pos.at, ?max_message, "sink started");
 
     loop {
+        save_if_due(store, &name, pos, Instant::now()).await?;
+        let cursor = pos.at;
         let read = blocking(store, {
             let name = name.clone();
             move |s| s.read_for(&name, cursor, window, window_bytes)
@@ -86,8 +166,7 @@ async fn run_sink(
         if batch.is_empty() {
             if read.next > cursor {
                 // Only records that could not be decoded (the store quarantined them).
-                cursor = read.next;
-                advance(store, &name, cursor).await?;
+                pos.at = read.next;
                 continue;
             }
             // Nothing to send: wait for the pipeline to commit more.
@@ -99,9 +178,12 @@ async fn run_sink(
                 }
                 continue;
             }
+            // Idle: the position is written once it is due, not left behind.
+            let due = pos.save_due().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 changed = head.changed() => if changed.is_err() { return Ok(()) },
+                _ = sleep_until_some(due) => save(store, &name, pos, Instant::now()).await?,
             }
             continue;
         }
@@ -205,9 +287,9 @@ async fn run_sink(
                     metrics::counter!("ferry_sink_errors_total", "sink" => name.clone(), "kind" => kind).increment(1);
                     // Keep what went through, so a restart does not resend it.
                     if let Some(&seq) = seqs.get(done) {
-                        if seq > cursor {
-                            cursor = seq;
-                            advance(store, &name, cursor).await?;
+                        if seq > pos.at {
+                            pos.at = seq;
+                            save(store, &name, pos, Instant::now()).await?;
                         }
                     }
                     let delay = retry_delay(backoff.next_delay(), after);
@@ -230,8 +312,16 @@ async fn run_sink(
             }
         }
         backoff.reset();
-        cursor = read.next;
-        advance(store, &name, cursor).await?;
+        pos.at = read.next;
+        lag_gauge(store, &name, pos.at);
+    }
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -359,11 +449,14 @@ async fn keep_dead_letters(
 async fn advance(store: &Arc<dyn Store>, name: &str, to: u64) -> Result<(), StoreError> {
     let sink = name.to_string();
     blocking(store, move |s| s.advance(&sink, to)).await?;
-    let stats = store.stats();
-    metrics::gauge!("ferry_sink_lag_records", "sink" => name.to_string())
-        .set(stats.next.saturating_sub(to) as f64);
-    crate::telemetry::store_gauges(&stats);
+    lag_gauge(store, name, to);
+    crate::telemetry::store_gauges(&store.stats());
     Ok(())
+}
+
+fn lag_gauge(store: &Arc<dyn Store>, name: &str, at: u64) {
+    metrics::gauge!("ferry_sink_lag_records", "sink" => name.to_string())
+        .set(store.stats().next.saturating_sub(at) as f64);
 }
 
 /// Runs a store call off the async threads.
@@ -380,6 +473,29 @@ pub async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_position_that_has_not_moved_is_never_due_for_saving() {
+        let now = Instant::now();
+        let pos = Position::new(7, now);
+        assert_eq!(pos.save_due(), None);
+    }
+
+    #[test]
+    fn a_moved_position_is_saved_at_most_every_interval_after_the_last_save() {
+        let now = Instant::now();
+        let mut pos = Position::new(7, now);
+        pos.at = 9;
+        assert_eq!(pos.save_due(), Some(now + SAVE_CURSOR_EVERY));
+        pos.saved = 9;
+        pos.saved_when = now + Duration::from_secs(1);
+        assert_eq!(pos.save_due(), None);
+        pos.at = 12;
+        assert_eq!(
+            pos.save_due(),
+            Some(now + Duration::from_secs(1) + SAVE_CURSOR_EVERY)
+        );
+    }
 
     fn retry() -> Delivery {
         Delivery::Retry {
