@@ -55,7 +55,7 @@ pub struct StoreConfig {
     #[serde(default)]
     pub when_full: WhenFull,
     /// Memory the backend may use for its page cache. Default 4MiB: with redb
-    /// that keeps the whole agent under 16 MiB with a million events buffered
+    /// the store stays within about 10 MiB with a million events buffered
     /// (docs/BENCHMARKS.md).
     #[serde(default = "default_cache")]
     pub cache_capacity: Bytes,
