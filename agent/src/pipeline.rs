@@ -156,6 +156,7 @@ pub async fn run(
     }
 
     let (tx, rx) = Inlet::channel(CHANNEL, INPUT_BYTES);
+    let window_full = tx.window_full();
     // Rule actions (MQTT publishes) go out through one MQTT source's connection.
     let actuator_name = cfg
         .rules
@@ -267,6 +268,7 @@ pub async fn run(
             linger: cfg.store.commit_linger.0,
             max_inputs: BATCH,
         },
+        window_full,
         rules,
         store: Arc::clone(&store),
         head: head_tx,
@@ -545,6 +547,8 @@ impl Actuators {
 struct Committer {
     /// How long a batch gathers before it is committed.
     group: group_commit::Policy,
+    /// A source's window is full: stop gathering ([`Inlet::window_full`]).
+    window_full: Arc<tokio::sync::Notify>,
     rules: RuleSet,
     store: Arc<dyn Store>,
     head: watch::Sender<u64>,
@@ -635,26 +639,43 @@ impl Committer {
             return;
         }
         let mut gathering = Gathering::new(&self.group);
-        let count = |g: &mut Gathering, new: &[Admitted]| {
-            for a in new {
-                let origin = &a.input.origin;
-                g.add(&origin.name, a.input.ack.as_ref().and(origin.window));
-            }
+        let add = |g: &mut Gathering, a: &Admitted| {
+            let origin = &a.input.origin;
+            g.add(&origin.name, a.input.ack.as_ref().and(origin.window));
         };
-        count(&mut gathering, inputs);
+        for a in inputs.iter() {
+            add(&mut gathering, a);
+        }
         let deadline = tokio::time::Instant::now() + self.group.linger;
-        let mut more = Vec::new();
-        while !gathering.complete() {
+        // Not woken by every arrival (at a few thousand a second that is most of
+        // the cost): it sleeps until the linger is over or a source's window is
+        // full, then takes what queued meanwhile.
+        loop {
+            while gathering.room() > 0 {
+                match rx.try_recv() {
+                    Ok(a) => {
+                        add(&mut gathering, &a);
+                        inputs.push(a);
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            }
+            if gathering.complete() {
+                return;
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep_until(deadline) => return,
-                n = rx.recv_many(&mut more, gathering.room()) => {
-                    if n == 0 {
-                        return;
+                _ = self.window_full.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    // Take what queued until now, then commit.
+                    while gathering.room() > 0 {
+                        let Ok(a) = rx.try_recv() else { break };
+                        add(&mut gathering, &a);
+                        inputs.push(a);
                     }
-                    count(&mut gathering, &more);
-                    inputs.append(&mut more);
+                    return;
                 }
             }
         }
@@ -1199,6 +1220,7 @@ emit = { type = "com.example.hot" }
                 linger: Duration::ZERO,
                 max_inputs: BATCH,
             },
+            window_full: Default::default(),
             rules,
             store: Arc::clone(store) as Arc<dyn Store>,
             head: watch::channel(0).0,
@@ -1416,8 +1438,13 @@ emit = { type = "com.example.hot" }
 
     /// Sends `inputs` `gap` apart, the first at once, and gathers a batch from the
     /// first on: what was gathered and how long it took.
-    async fn gather_from(c: &Committer, inputs: Vec<Input>, gap: Duration) -> (usize, Duration) {
+    async fn gather_from(
+        c: &mut Committer,
+        inputs: Vec<Input>,
+        gap: Duration,
+    ) -> (usize, Duration) {
         let (inlet, mut rx) = Inlet::channel(64, 1 << 20);
+        c.window_full = inlet.window_full();
         let sender = tokio::spawn(async move {
             for (i, input) in inputs.into_iter().enumerate() {
                 if i > 0 {
@@ -1450,21 +1477,21 @@ emit = { type = "com.example.hot" }
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_takes_in_what_arrives_within_the_linger_and_no_later() {
-        let c = lingering(&Arc::new(Recorder::default()), Duration::from_millis(5));
+        let mut c = lingering(&Arc::new(Recorder::default()), Duration::from_millis(5));
         let local = origin();
         let inputs = (0..4).map(|n| input(&local, n, true)).collect();
         // Arrivals at 0, 2, 4 and 6 ms: the last comes after the linger.
-        let (gathered, took) = gather_from(&c, inputs, Duration::from_millis(2)).await;
+        let (gathered, took) = gather_from(&mut c, inputs, Duration::from_millis(2)).await;
         assert_eq!(gathered, 3);
         assert_eq!(took, Duration::from_millis(5));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_holding_a_brokers_whole_window_is_committed_without_waiting() {
-        let c = lingering(&Arc::new(Recorder::default()), Duration::from_millis(50));
+        let mut c = lingering(&Arc::new(Recorder::default()), Duration::from_millis(50));
         let broker = Origin::windowed("gw", "mqtt", "local", None, 3);
         let inputs = (0..5).map(|n| input(&broker, n, true)).collect();
-        let (gathered, took) = gather_from(&c, inputs, Duration::from_millis(1)).await;
+        let (gathered, took) = gather_from(&mut c, inputs, Duration::from_millis(1)).await;
         assert_eq!(
             gathered, 3,
             "the broker sends no more until these are acknowledged"
@@ -1474,20 +1501,20 @@ emit = { type = "com.example.hot" }
 
     #[tokio::test(start_paused = true)]
     async fn inputs_that_wait_for_no_acknowledgement_do_not_fill_a_window() {
-        let c = lingering(&Arc::new(Recorder::default()), Duration::from_millis(10));
+        let mut c = lingering(&Arc::new(Recorder::default()), Duration::from_millis(10));
         let broker = Origin::windowed("gw", "mqtt", "local", None, 2);
         let inputs = (0..5).map(|n| input(&broker, n, false)).collect();
-        let (gathered, took) = gather_from(&c, inputs, Duration::from_millis(1)).await;
+        let (gathered, took) = gather_from(&mut c, inputs, Duration::from_millis(1)).await;
         assert_eq!(gathered, 5);
         assert_eq!(took, Duration::from_millis(10));
     }
 
     #[tokio::test(start_paused = true)]
     async fn without_a_linger_a_batch_is_what_was_queued() {
-        let c = lingering(&Arc::new(Recorder::default()), Duration::ZERO);
+        let mut c = lingering(&Arc::new(Recorder::default()), Duration::ZERO);
         let local = origin();
         let inputs = (0..3).map(|n| input(&local, n, true)).collect();
-        let (gathered, took) = gather_from(&c, inputs, Duration::from_millis(1)).await;
+        let (gathered, took) = gather_from(&mut c, inputs, Duration::from_millis(1)).await;
         assert_eq!((gathered, took), (1, Duration::ZERO));
     }
 

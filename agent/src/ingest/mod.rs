@@ -15,11 +15,12 @@ pub mod mqtt;
 pub mod serial;
 pub mod simulator;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::decode::DecodeConfig;
 
@@ -37,6 +38,8 @@ pub struct Origin {
     /// MQTT broker's in-flight limit), if it has such a limit: once that many wait,
     /// no more come until a commit acknowledges them ([`crate::group_commit`]).
     pub window: Option<usize>,
+    /// Of a windowed source: its inputs sent and not yet acknowledged.
+    pending: AtomicUsize,
 }
 
 impl Origin {
@@ -46,6 +49,7 @@ impl Origin {
             uri: format!("/ferry/{agent}/{kind}/{name}"),
             decode,
             window: None,
+            pending: AtomicUsize::new(0),
         })
     }
 
@@ -63,6 +67,7 @@ impl Origin {
             uri: format!("/ferry/{agent}/{kind}/{name}"),
             decode,
             window: Some(window.max(1)),
+            pending: AtomicUsize::new(0),
         })
     }
 }
@@ -125,6 +130,7 @@ pub struct Inlet {
     tx: mpsc::Sender<Admitted>,
     bytes: Arc<Semaphore>,
     max_bytes: usize,
+    window_full: Arc<Notify>,
 }
 
 /// An input with its share of the byte budget, given back when it is dropped
@@ -147,13 +153,32 @@ impl Inlet {
             tx,
             bytes: Arc::new(Semaphore::new(max_bytes)),
             max_bytes,
+            window_full: Arc::new(Notify::new()),
         };
         (inlet, rx)
     }
 
+    /// Notified when a windowed source ([`Origin::windowed`]) has its whole window
+    /// sent and unacknowledged: its producer sends nothing more until a commit
+    /// acknowledges some, so the commit task need not wait for more.
+    pub fn window_full(&self) -> Arc<Notify> {
+        Arc::clone(&self.window_full)
+    }
+
     /// Sends `input` once there is room. An input larger than the whole budget
     /// waits for all of it, so it still gets through, alone.
-    pub async fn send(&self, input: Input) -> Result<(), Closed> {
+    pub async fn send(&self, mut input: Input) -> Result<(), Closed> {
+        // Counted before it is sent, so its acknowledgement never comes first.
+        let mut waiting = 0;
+        if let (Some(window), Some(ack)) = (input.origin.window, input.ack.take()) {
+            let origin = Arc::clone(&input.origin);
+            waiting = origin.pending.fetch_add(1, Ordering::AcqRel) + 1;
+            waiting = if waiting >= window { waiting } else { 0 };
+            input.ack = Some(Box::new(move || {
+                origin.pending.fetch_sub(1, Ordering::AcqRel);
+                ack()
+            }));
+        }
         let want = input.payload.size().clamp(1, self.max_bytes);
         // `want` is at most `max_bytes`, which fits the semaphore, so it fits u32
         // whenever the semaphore's own maximum does; clamp anyway.
@@ -168,6 +193,67 @@ impl Inlet {
                 _bytes: permit,
             })
             .await
-            .map_err(|_| Closed)
+            .map_err(|_| Closed)?;
+        if waiting > 0 {
+            self.window_full.notify_one();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn input(origin: &Arc<Origin>, acked: bool) -> Input {
+        Input {
+            origin: Arc::clone(origin),
+            payload: Payload::Raw {
+                topic: "sensors/d1/telemetry".into(),
+                bytes: b"{}".to_vec(),
+            },
+            received: Utc::now(),
+            ack: acked.then(|| Box::new(|| {}) as Ack),
+            delivery: None,
+        }
+    }
+
+    async fn signalled(full: &Notify) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), full.notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_full_window_is_signalled_once_and_acknowledgements_make_room_again() {
+        let (inlet, mut rx) = Inlet::channel(16, 1 << 20);
+        let full = inlet.window_full();
+        let broker = Origin::windowed("gw", "mqtt", "local", None, 2);
+        inlet.send(input(&broker, true)).await.unwrap();
+        assert!(!signalled(&full).await, "one of two is not a full window");
+        inlet.send(input(&broker, true)).await.unwrap();
+        assert!(signalled(&full).await);
+
+        for _ in 0..2 {
+            let ack = rx.recv().await.unwrap().input.ack.unwrap();
+            ack();
+        }
+        inlet.send(input(&broker, true)).await.unwrap();
+        assert!(
+            !signalled(&full).await,
+            "the acknowledged ones left the window"
+        );
+    }
+
+    #[tokio::test]
+    async fn inputs_without_an_acknowledgement_or_a_window_never_fill_one() {
+        let (inlet, _rx) = Inlet::channel(16, 1 << 20);
+        let full = inlet.window_full();
+        let broker = Origin::windowed("gw", "mqtt", "local", None, 1);
+        let serial = Origin::new("gw", "serial", "port", None);
+        inlet.send(input(&broker, false)).await.unwrap();
+        inlet.send(input(&serial, true)).await.unwrap();
+        assert!(!signalled(&full).await);
     }
 }
