@@ -164,12 +164,14 @@ impl HttpsReceiver {
             .map(Result::unwrap)
             .collect();
         let key = PrivateKeyDer::from_pem_slice(&pem("server.key")).unwrap();
-        let config = Arc::new(
-            rustls::ServerConfig::builder()
-                .with_client_cert_verifier(verifier)
-                .with_single_cert(chain, key)
-                .unwrap(),
-        );
+        let mut config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap();
+        // As cloud endpoints do: HTTP/2 preferred, HTTP/1.1 taken. ferry speaks only
+        // HTTP/1.1 and must not offer `h2` (see `serve`).
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let config = Arc::new(config);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let (bodies, failures) = (Arc::default(), Arc::default());
@@ -210,7 +212,8 @@ impl HttpsReceiver {
     }
 }
 
-/// Answers HTTP/1.1 requests on one connection until the client closes it.
+/// Answers HTTP/1.1 requests on one connection until the client closes it; a
+/// connection that negotiated another protocol (ALPN) fails.
 fn serve(
     tls: &mut rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>,
     bodies: &Mutex<Vec<String>>,
@@ -221,6 +224,13 @@ fn serve(
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
             return Ok(());
+        }
+        let alpn = reader.get_ref().conn.alpn_protocol();
+        if alpn != Some(b"http/1.1") {
+            return Err(std::io::Error::other(format!(
+                "negotiated {:?}, not http/1.1",
+                alpn.map(String::from_utf8_lossy)
+            )));
         }
         loop {
             line.clear();
@@ -300,6 +310,12 @@ fn an_https_sink_with_a_private_ca_and_a_client_certificate_delivers_and_a_stran
         }
     });
     assert!(agent.stop().success());
+    // Offered HTTP/2 by the server, the agent kept to HTTP/1.1, the one it speaks.
+    let failures = receiver.failures();
+    assert!(
+        !failures.iter().any(|f| f.starts_with("negotiated")),
+        "{failures:?}"
+    );
 }
 
 #[test]

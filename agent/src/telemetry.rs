@@ -3,7 +3,10 @@
 //! Logs go to stderr (stdout belongs to the console sink), as text or JSON lines,
 //! filtered by `RUST_LOG` (default `info`, without tokio-modbus's own lines: it logs
 //! every byte it skips on a noisy bus, and the Modbus source already counts those
-//! failures and logs them once per change). Metrics are Prometheus counters served on
+//! failures and logs them once per change). The filter is a comma-separated list of
+//! `level` and `target=level` directives ([`log_filter`]), read as tracing's
+//! `EnvFilter` reads them; its span and field filters are not supported, which
+//! keeps the regular-expression engine they need out of the binary. Metrics are Prometheus counters served on
 //! the `[admin] listen` address; without it the counters cost next to nothing and no
 //! port is opened.
 //!
@@ -26,10 +29,11 @@ use tokio::sync::Semaphore;
 use tracing::debug;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FormatFields, MakeWriter};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -38,9 +42,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// The log filter without `RUST_LOG`, or with one that is not a filter.
+const DEFAULT_LOG_FILTER: &str = "info,tokio_modbus=off";
+
 pub fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_modbus=off"));
+    let wanted = std::env::var_os("RUST_LOG");
+    let filter = wanted
+        .as_ref()
+        .and_then(|w| log_filter(w.to_str()?))
+        .unwrap_or_else(|| log_filter(DEFAULT_LOG_FILTER).expect("the default parses"));
     // Err only if a logger is already installed, which `ferry run` never does twice.
     let _ = subscriber(
         format,
@@ -49,12 +59,54 @@ pub fn init_logs(format: LogFormat) {
         std::io::stderr().is_terminal(),
     )
     .try_init();
+    if let Some(wanted) = wanted.filter(|w| w.to_str().and_then(log_filter).is_none()) {
+        tracing::warn!(
+            "RUST_LOG={:?} is not a log filter (a comma-separated list of `level` and \
+             `target=level`); using {DEFAULT_LOG_FILTER:?}",
+            wanted.to_string_lossy()
+        );
+    }
+}
+
+/// `RUST_LOG`'s filter: comma-separated directives, each a level (`info`, for every
+/// target), a `target=level` (a module path and everything under it, e.g.
+/// `ferry_agent::sinks=debug`), or a bare target (all its levels); the most specific
+/// target wins. Levels are `off`, `error`, `warn`, `info`, `debug`, `trace` in any
+/// case. Empty directives are skipped; an empty list logs nothing. This is the
+/// syntax, and the meaning, of tracing's `EnvFilter` without its span and field
+/// filters (`target[span{field=value}]=level`): those, like any other string that
+/// is not such a list, give `None`.
+fn log_filter(spec: &str) -> Option<Targets> {
+    let mut filter = Targets::new();
+    for directive in spec.split(',').filter(|d| !d.is_empty()) {
+        // As `EnvFilter`: a directive starts with a character of a module path, and
+        // `target=` is the bare target. `Targets` alone would read `target=` as
+        // `target=error`, and `target[{field}]=level` as `target=level`.
+        let first = directive.trim_start().chars().next()?;
+        if !(first.is_alphanumeric() || ['-', ':', '_'].contains(&first))
+            || directive.contains(['[', ']', '{', '}'])
+        {
+            return None;
+        }
+        let directive = match directive.strip_suffix('=') {
+            Some(target) if !target.contains('=') => target,
+            _ => directive,
+        };
+        let one: Targets = directive.parse().ok()?;
+        for (target, level) in one.iter() {
+            filter = filter.with_target(target, level);
+        }
+        if let Some(level) = one.default_level() {
+            filter = filter.with_default(level);
+        }
+    }
+    Some(filter)
 }
 
 /// The log subscriber for `format`, writing to `writer`.
 fn subscriber<W>(
     format: LogFormat,
-    filter: EnvFilter,
+    filter: Targets,
     writer: W,
     ansi: bool,
 ) -> Box<dyn tracing::Subscriber + Send + Sync>
@@ -62,7 +114,6 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(writer)
         // When stderr cannot be written (its reader gone, a full disk), a log line is
         // lost, but the default would report that with eprintln!, which panics and
@@ -70,8 +121,8 @@ where
         .log_internal_errors(false)
         .with_ansi(ansi);
     match format {
-        LogFormat::Text => Box::new(builder.fmt_fields(EscapedFields).finish()),
-        LogFormat::Json => Box::new(builder.json().finish()),
+        LogFormat::Text => Box::new(builder.fmt_fields(EscapedFields).finish().with(filter)),
+        LogFormat::Json => Box::new(builder.json().finish().with(filter)),
     }
 }
 
@@ -495,7 +546,7 @@ mod tests {
 
     fn log_forged(format: LogFormat, ansi: bool) -> String {
         let out = Captured::default();
-        let sub = subscriber(format, EnvFilter::new("info"), out.clone(), ansi);
+        let sub = subscriber(format, log_filter("info").unwrap(), out.clone(), ansi);
         tracing::subscriber::with_default(sub, || {
             let error = std::io::Error::other(FORGED);
             let span = tracing::info_span!("source", name = %FORGED);
@@ -539,6 +590,113 @@ mod tests {
         let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
         assert_eq!(line["fields"]["device"], FORGED);
         assert_eq!(line["fields"]["topic"], FORGED);
+    }
+
+    /// Emits an event at every level for each of the targets, its message naming both.
+    macro_rules! at_every_level {
+        ($($target:literal),*) => {{
+            $(
+                tracing::error!(target: $target, concat!($target, " error"));
+                tracing::warn!(target: $target, concat!($target, " warn"));
+                tracing::info!(target: $target, concat!($target, " info"));
+                tracing::debug!(target: $target, concat!($target, " debug"));
+                tracing::trace!(target: $target, concat!($target, " trace"));
+            )*
+        }};
+    }
+
+    /// The events a filter lets through, one `target level` line each.
+    fn passed<F>(filter: F) -> Vec<String>
+    where
+        F: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static,
+    {
+        let out = Captured::default();
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(out.clone())
+            .without_time()
+            .with_level(false)
+            .with_target(false)
+            .with_ansi(false);
+        let sub = tracing_subscriber::registry().with(filter.and_then(fmt));
+        tracing::subscriber::with_default(sub, || {
+            at_every_level!(
+                "ferry",
+                "ferry_agent",
+                "ferry_agent::sinks::http",
+                "ferry_agent::store",
+                "ferry_rules",
+                "tokio_modbus::service",
+                "rustls::conn",
+                "sled"
+            );
+        });
+        let bytes = out.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_log_filter_reads_levels_and_targets_as_env_filter_did() {
+        // The documented forms, their corner cases, and what is refused.
+        let specs = [
+            "info",
+            "INFO",
+            "3",
+            "off",
+            "warn,ferry_agent=debug",
+            "ferry_agent=debug",
+            "ferry_agent::sinks=trace,ferry_agent=warn",
+            "ferry_agent=warn,ferry_agent::sinks=trace",
+            "debug,tokio_modbus=off,sled=error",
+            "info,tokio_modbus=off",
+            "ferry_agent",
+            "ferry_agent=",
+            "trace,ferry_agent=off",
+            "info,debug",
+            "ferry_agent=info,ferry_agent=trace",
+            ",info,",
+            "",
+            ",",
+            "ferry_rules=4,warn",
+        ];
+        for spec in specs {
+            let ours = log_filter(spec).unwrap_or_else(|| panic!("{spec:?} refused"));
+            let theirs = tracing_subscriber::EnvFilter::try_new(spec).unwrap();
+            assert_eq!(passed(ours), passed(theirs), "RUST_LOG={spec:?}");
+        }
+        // What EnvFilter refused is refused (`init_logs` then uses the default), and
+        // so are its span and field filters.
+        for spec in [
+            "info,*",
+            "ferry_agent=loud",
+            "a=b=c",
+            "*=debug",
+            "=debug",
+            " ",
+            "ferry_agent=debug=",
+            "ferry_agent[run]=debug",
+            "[source]=debug",
+            "ferry_agent[{device=x}]=debug",
+            "ferry_agent[{device}]=debug",
+        ] {
+            assert!(log_filter(spec).is_none(), "{spec:?} accepted");
+            let env_filter = tracing_subscriber::EnvFilter::try_new(spec);
+            assert!(
+                env_filter.is_err() || spec.contains('['),
+                "EnvFilter took {spec:?}"
+            );
+        }
+        // The default: everything at info but tokio-modbus, the README's example.
+        let default = passed(log_filter(DEFAULT_LOG_FILTER).unwrap());
+        assert!(default.contains(&"ferry_agent::store info".to_string()));
+        assert!(!default.iter().any(|l| l.ends_with(" debug")));
+        assert!(!default.iter().any(|l| l.starts_with("tokio_modbus")));
+        let debug = passed(log_filter("ferry_agent=debug").unwrap());
+        assert!(debug.contains(&"ferry_agent::sinks::http debug".to_string()));
+        assert!(debug.iter().all(|l| l.starts_with("ferry_agent")));
     }
 
     #[test]

@@ -349,9 +349,10 @@ impl HttpSink {
                     sink: cfg.name.clone(),
                     source,
                 })?;
-            // reqwest uses a preconfigured TLS config as it is: offer HTTP/2 as its
-            // own would.
-            rustls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            // reqwest uses a preconfigured TLS config as it is: offer HTTP/1.1 as its
+            // own does (built without HTTP/2, it could not speak an `h2` the server
+            // picked).
+            rustls.alpn_protocols = vec![b"http/1.1".to_vec()];
             builder = builder.use_preconfigured_tls(rustls);
         }
         let client = builder.build().map_err(|source| HttpSinkError::Client {
