@@ -484,7 +484,15 @@ fn run(config: PathBuf, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         )
     })?;
     let data_dir = data_dir.unwrap_or_else(|| loaded.data_dir());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One thread runs every task; store calls run on tokio's blocking threads.
+    // At 2,000 readings/s a second worker cost 12-20 % more CPU per reading in
+    // cross-thread wake-ups and did not raise the full-speed rate
+    // (docs/BENCHMARKS.md). TOKIO_WORKER_THREADS still sets another count.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        runtime.worker_threads(1);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
