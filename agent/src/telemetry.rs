@@ -47,6 +47,7 @@ const DEFAULT_LOG_FILTER: &str = "info,tokio_modbus=off";
 
 pub fn init_logs(format: LogFormat) {
     let wanted = std::env::var_os("RUST_LOG");
+    // The default is a constant list of directives, parsed by the tests too.
     let filter = wanted
         .as_ref()
         .and_then(|w| log_filter(w.to_str()?))
