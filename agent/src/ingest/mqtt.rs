@@ -319,7 +319,7 @@ impl MqttSource {
             }
         };
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
-        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<(u64, Publish)>();
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Pending>();
         let gate = Arc::new(AckGate::default());
         let mut acker = tokio::spawn(acker(client.clone(), Arc::clone(&gate), ack_rx));
         // Connections are counted from 1; publishes carry the count of theirs.
@@ -400,11 +400,11 @@ impl MqttSource {
                         let qos1 = p.qos != QoS::AtMostOnce;
                         let ack: Option<Ack> = qos1.then(|| {
                             let ack_tx = ack_tx.clone();
-                            let p = p.clone();
+                            let pending = Pending { connection, packet_id: p.pkid, qos: p.qos };
                             Box::new(move || {
                                 // The acker ends only after every sender is gone,
                                 // so this send fails only at the very end of shutdown.
-                                let _ = ack_tx.send((connection, p));
+                                let _ = ack_tx.send(pending);
                             }) as Ack
                         });
                         let delivery = qos1.then(|| Delivery {
@@ -583,14 +583,28 @@ fn publish_action(client: &AsyncClient, source: &str, action: Action) {
     }
 }
 
+/// A PUBACK the pipeline released and the acker has yet to queue: what it takes
+/// and no more. Holding the publish itself would keep its payload, and the read
+/// buffer the payload is a slice of, alive until the PUBACK is written.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    connection: u64,
+    packet_id: u16,
+    qos: QoS,
+}
+
 /// Sends PUBACKs in the order the pipeline committed the readings, each only on
 /// the connection its publish came on.
-async fn acker(
-    client: AsyncClient,
-    gate: Arc<AckGate>,
-    mut rx: mpsc::UnboundedReceiver<(u64, Publish)>,
-) {
-    while let Some((connection, p)) = rx.recv().await {
+async fn acker(client: AsyncClient, gate: Arc<AckGate>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    while let Some(Pending {
+        connection,
+        packet_id,
+        qos,
+    }) = rx.recv().await
+    {
+        // rumqttc acknowledges a publish by its packet id and QoS.
+        let mut p = Publish::new("", qos, Vec::<u8>::new());
+        p.pkid = packet_id;
         loop {
             match gate.offer(connection, || client.try_ack(&p)) {
                 Offered::Queued => break,
