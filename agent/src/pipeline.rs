@@ -650,6 +650,7 @@ impl Committer {
         // Not woken by every arrival (at a few thousand a second that is most of
         // the cost): it sleeps until the linger is over or a source's window is
         // full, then takes what queued meanwhile.
+        let mut over = false;
         loop {
             while gathering.room() > 0 {
                 match rx.try_recv() {
@@ -661,22 +662,15 @@ impl Committer {
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
             }
-            if gathering.complete() {
+            // Once the linger is over, what queued until now still joins.
+            if over || gathering.complete() {
                 return;
             }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
                 _ = self.window_full.notified() => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    // Take what queued until now, then commit.
-                    while gathering.room() > 0 {
-                        let Ok(a) = rx.try_recv() else { break };
-                        add(&mut gathering, &a);
-                        inputs.push(a);
-                    }
-                    return;
-                }
+                _ = tokio::time::sleep_until(deadline) => over = true,
             }
         }
     }

@@ -44,13 +44,7 @@ pub struct Origin {
 
 impl Origin {
     pub fn new(agent: &str, kind: &str, name: &str, decode: Option<DecodeConfig>) -> Arc<Self> {
-        Arc::new(Self {
-            name: name.to_string(),
-            uri: format!("/ferry/{agent}/{kind}/{name}"),
-            decode,
-            window: None,
-            pending: AtomicUsize::new(0),
-        })
+        Self::with_window(agent, kind, name, decode, None)
     }
 
     /// A source whose producer sends at most `window` inputs before it waits for
@@ -62,11 +56,21 @@ impl Origin {
         decode: Option<DecodeConfig>,
         window: usize,
     ) -> Arc<Self> {
+        Self::with_window(agent, kind, name, decode, Some(window.max(1)))
+    }
+
+    fn with_window(
+        agent: &str,
+        kind: &str,
+        name: &str,
+        decode: Option<DecodeConfig>,
+        window: Option<usize>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             name: name.to_string(),
             uri: format!("/ferry/{agent}/{kind}/{name}"),
             decode,
-            window: Some(window.max(1)),
+            window,
             pending: AtomicUsize::new(0),
         })
     }

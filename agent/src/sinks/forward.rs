@@ -98,7 +98,7 @@ async fn run_sink(
     let result = forward(sink, store, &mut head, cancel, &mut pos).await;
     // Stopping, or a store error: write down how far the sink got, if it can.
     if pos.save_due().is_some() {
-        if let Err(error) = advance(store, &name, pos.at).await {
+        if let Err(error) = save(store, &name, &mut pos, Instant::now()).await {
             warn!(sink = %name, %error, "cannot save the sink's position; it resends from the last one saved");
         }
     }
