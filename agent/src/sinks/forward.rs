@@ -178,12 +178,8 @@ async fn forward(
                 }
                 continue;
             }
-            // Idle: the position is written once it is due, not left behind.
-            let due = pos.save_due().map(tokio::time::Instant::from_std);
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                changed = head.changed() => if changed.is_err() { return Ok(()) },
-                _ = sleep_until_some(due) => save(store, &name, pos, Instant::now()).await?,
+            if !wait_for_commit(store, &name, head, cancel, pos).await? {
+                return Ok(());
             }
             continue;
         }
@@ -314,6 +310,35 @@ async fn forward(
         backoff.reset();
         pos.at = read.next;
         lag_gauge(store, &name, pos.at);
+        // Sent everything committed so far: wait for the next commit instead of
+        // reading the store on the blocking pool only to find nothing, which cost
+        // a second read per commit at everyday rates.
+        if pos.at >= *head.borrow_and_update()
+            && !wait_for_commit(store, &name, head, cancel, pos).await?
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// Waits, idle, for the pipeline to commit past what the sink has sent, writing
+/// the position once it is due rather than leaving it behind. `false` when
+/// stopping.
+async fn wait_for_commit(
+    store: &Arc<dyn Store>,
+    name: &str,
+    head: &mut watch::Receiver<u64>,
+    cancel: &CancellationToken,
+    pos: &mut Position,
+) -> Result<bool, StoreError> {
+    let due = pos.save_due().map(tokio::time::Instant::from_std);
+    tokio::select! {
+        _ = cancel.cancelled() => Ok(false),
+        changed = head.changed() => Ok(changed.is_ok()),
+        _ = sleep_until_some(due) => {
+            save(store, name, pos, Instant::now()).await?;
+            Ok(true)
+        }
     }
 }
 
