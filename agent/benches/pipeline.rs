@@ -4,8 +4,10 @@
 //! ```sh
 //! cargo bench -p ferry-agent --bench pipeline -- [--readings N] [--mode binary|structured|batch]
 //!     [--batch-max N] [--offline] [--broker-inflight N] [--max-bytes SIZE]
-//!     [--pad BYTES]
+//!     [--pad BYTES] [--cache SIZE]
 //! ```
+//!
+//! `--cache SIZE` sets `store.cache_capacity` (default: ferry's).
 //!
 //! `--pad BYTES` adds a string of that many bytes to every reading (large payloads:
 //! memory and disk must stay bounded by configuration, not by what is sent).
@@ -42,6 +44,7 @@ struct Args {
     offline: bool,
     broker_inflight: u32,
     max_bytes: String,
+    cache: Option<String>,
     pad: usize,
 }
 
@@ -53,6 +56,7 @@ fn args() -> Args {
         offline: false,
         broker_inflight: 20,
         max_bytes: "256MiB".to_string(),
+        cache: None,
         pad: 0,
     };
     let mut it = std::env::args().skip(1);
@@ -71,6 +75,7 @@ fn args() -> Args {
             "--offline" => a.offline = true,
             "--pad" => a.pad = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.pad),
             "--max-bytes" => a.max_bytes = it.next().unwrap_or(a.max_bytes),
+            "--cache" => a.cache = it.next(),
             "--broker-inflight" => {
                 a.broker_inflight = it
                     .next()
@@ -117,10 +122,11 @@ fn main() {
     if args.pad > 0 {
         cfg.max_payload = Some(format!("{}B", args.pad + 1024));
     }
-    let config = cfg.toml().replace(
-        "max_bytes = \"64MiB\"",
-        &format!("max_bytes = {:?}", args.max_bytes),
-    );
+    let mut store = format!("max_bytes = {:?}", args.max_bytes);
+    if let Some(cache) = &args.cache {
+        store.push_str(&format!("\ncache_capacity = {cache:?}"));
+    }
+    let config = cfg.toml().replace("max_bytes = \"64MiB\"", &store);
     let agent = Agent::start(&config, &[]);
     broker.wait_for_subscription(&cfg.client_id(), "sensors/+/telemetry");
     let pid = agent.pid().expect("agent running");
