@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: the `[[sink.nats]]` table and its checks.
+//! - [`creds`]: reading a `.creds` file (pure).
 //! - [`subject`]: subject templates and how values are sanitised into them (pure).
 //! - [`binding`]: the CloudEvents NATS binding, event to [`Message`] with its
 //!   `Nats-Msg-Id` (pure).
@@ -16,6 +17,7 @@
 
 pub mod binding;
 pub mod config;
+mod creds;
 pub mod publisher;
 mod sink;
 pub mod subject;

@@ -121,7 +121,7 @@ pub enum NatsSinkError {
     Creds {
         sink: String,
         path: String,
-        source: std::io::Error,
+        source: super::creds::CredsError,
     },
     #[error("sink {sink:?}: tls")]
     Tls {
@@ -189,14 +189,19 @@ impl Publisher {
                 let (_, token) = secret("token_file", file)?;
                 options = options.token(token);
             } else if let Some(file) = &auth.creds_file {
-                let (path, creds) = secret("creds_file", file)?;
-                options = options
-                    .credentials(&creds)
-                    .map_err(|source| NatsSinkError::Creds {
-                        sink: sink.clone(),
-                        path: path.display().to_string(),
-                        source,
-                    })?;
+                let (path, text) = secret("creds_file", file)?;
+                let creds = super::creds::parse(&text).map_err(|source| NatsSinkError::Creds {
+                    sink: sink.clone(),
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                // What async-nats' `credentials` does, without its regex: sign the
+                // server's nonce with the seed.
+                let key = std::sync::Arc::new(creds.key);
+                options = options.jwt(creds.jwt, move |nonce| {
+                    let key = std::sync::Arc::clone(&key);
+                    async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
+                });
             }
         }
         // Always our own rustls config (ring, the public roots or `ca_file`), also
