@@ -121,6 +121,17 @@ pub struct Ledger {
     dead_max: usize,
     dead_max_bytes: u64,
     state: Mutex<State>,
+    /// A copy of `state`'s statistics and cursors, taken at each change, for
+    /// [`Store::stats`] and [`Store::cursor`]: those are asked from the async
+    /// threads (gauges, a sink's lag), and `state` stays locked through a commit's
+    /// fsync, which would stall every task on the runtime for milliseconds.
+    shown: Mutex<Shown>,
+}
+
+#[derive(Debug, Clone)]
+struct Shown {
+    stats: Stats,
+    cursors: HashMap<String, u64>,
 }
 
 /// In-memory bookkeeping mirrored from the backend, guarded by one lock so appends
@@ -219,6 +230,10 @@ impl Ledger {
             compact_above: COMPACT_ABOVE,
             dead_max: cfg.dead_letters_max,
             dead_max_bytes: cfg.dead_letters_max_bytes.0,
+            shown: Mutex::new(Shown {
+                stats,
+                cursors: cursors.clone(),
+            }),
             state: Mutex::new(State {
                 stats,
                 cursors,
@@ -247,6 +262,20 @@ impl Ledger {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn shown(&self) -> std::sync::MutexGuard<'_, Shown> {
+        // Only ever holds a finished copy: a poisoned lock still has a whole one.
+        self.shown.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes `st`'s statistics and cursors to [`Store::stats`] and [`Store::cursor`].
+    fn show(&self, st: &State) {
+        let mut shown = self.shown();
+        shown.stats = st.stats;
+        if shown.cursors != st.cursors {
+            shown.cursors.clone_from(&st.cursors);
+        }
+    }
+
     /// Commits `batch` (a cursor move, or nothing) with the removal of the records
     /// every sink has passed, and gives disk space back if that emptied a store
     /// whose files grew large.
@@ -258,6 +287,7 @@ impl Ledger {
             self.backend.commit(batch)?;
         }
         st.stats = stats;
+        self.show(st);
         if st.stats.records == 0
             && st.appended_since_size_check >= self.compact_above / 4
             && st
@@ -366,6 +396,7 @@ impl Ledger {
         batch.put(STATS, encode_stats(&stats));
         self.backend.commit(batch)?;
         st.stats = stats;
+        self.show(&st);
         metrics::counter!("ferry_store_dropped_total", "reason" => "corrupt")
             .increment(moved as u64);
         Ok(())
@@ -471,6 +502,7 @@ impl Store for Ledger {
         self.backend.commit(batch)?;
 
         st.stats = stats;
+        self.show(&st);
         st.appended_since_size_check = st.appended_since_size_check.saturating_add(incoming);
         count_store_full(removed.into_iter().fold(0, |n, (seq, needers)| {
             n + u64::from(st.holds.removed(seq, needers))
@@ -540,9 +572,9 @@ impl Store for Ledger {
     fn cursor(&self, sink: &str) -> Result<u64, StoreError> {
         // A sink behind the head (records dropped to make room) needs nothing
         // before it.
-        let st = self.lock();
-        let cursor = st.cursors.get(sink).copied().unwrap_or(st.stats.head);
-        Ok(cursor.max(st.stats.head))
+        let shown = self.shown();
+        let cursor = shown.cursors.get(sink).copied().unwrap_or(shown.stats.head);
+        Ok(cursor.max(shown.stats.head))
     }
 
     fn advance(&self, sink: &str, to: u64) -> Result<(), StoreError> {
@@ -551,11 +583,13 @@ impl Store for Ledger {
         batch.put(cursor_key(sink), to.to_be_bytes());
         st.cursors.insert(sink.to_string(), to);
         st.holds.advance(sink, to);
-        self.trim(&mut st, batch)
+        let trimmed = self.trim(&mut st, batch);
+        self.show(&st);
+        trimmed
     }
 
     fn stats(&self) -> Stats {
-        self.lock().stats
+        self.shown().stats
     }
 
     fn epoch(&self) -> &str {
@@ -689,6 +723,96 @@ mod tests {
             cache_capacity: Bytes(1 << 20),
             ..StoreConfig::default()
         }
+    }
+
+    /// A backend whose commits wait, while it is held, as a commit waits for a
+    /// slow disk's fsync.
+    struct Held {
+        inner: Box<dyn Backend>,
+        /// (held, a commit is waiting)
+        gate: std::sync::Arc<(std::sync::Mutex<(bool, bool)>, std::sync::Condvar)>,
+    }
+
+    impl Backend for Held {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn scan(
+            &self,
+            from: &[u8],
+            to: &[u8],
+            visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        ) -> Result<(), StoreError> {
+            self.inner.scan(from, to, visit)
+        }
+        fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+            let (lock, changed) = &*self.gate;
+            let mut g = lock.lock().unwrap();
+            g.1 = true;
+            changed.notify_all();
+            while g.0 {
+                g = changed.wait(g).unwrap();
+            }
+            g.1 = false;
+            drop(g);
+            self.inner.commit(batch)
+        }
+        fn size_on_disk(&self) -> Result<u64, StoreError> {
+            self.inner.size_on_disk()
+        }
+    }
+
+    #[test]
+    fn statistics_and_cursors_are_answered_while_a_commit_waits_for_the_disk() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new((
+            std::sync::Mutex::new((false, false)),
+            std::sync::Condvar::new(),
+        ));
+        let backend = Held {
+            inner: Box::new(crate::store::redb::RedbBackend::open(dir.path(), 1 << 20).unwrap()),
+            gate: Arc::clone(&gate),
+        };
+        let c = cfg(BackendKind::Redb, 1 << 30, WhenFull::DropOldest);
+        let ledger = Arc::new(Ledger::open(Box::new(backend), &c, &sinks(&["a"])).unwrap());
+        let (lock, changed) = &*gate;
+        lock.lock().unwrap().0 = true;
+        let appending = {
+            let l = Arc::clone(&ledger);
+            std::thread::spawn(move || l.append(&[record(0, 0)], &StateWrite::default()))
+        };
+        let mut g = lock.lock().unwrap();
+        while !g.1 {
+            g = changed.wait(g).unwrap();
+        }
+        drop(g);
+
+        // The append is inside its commit, holding the ledger's lock: gauges and
+        // a sink's lag, asked from the async threads, must not wait for the disk.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l = Arc::clone(&ledger);
+        std::thread::spawn(move || {
+            let _ = tx.send((l.stats().next, l.cursor("a").unwrap()));
+        });
+        let answered = rx.recv_timeout(Duration::from_secs(10));
+        lock.lock().unwrap().0 = false;
+        changed.notify_all();
+        appending.join().unwrap().unwrap();
+        assert_eq!(
+            answered,
+            Ok((0, 0)),
+            "answered before the commit, with what was committed before it"
+        );
+        assert_eq!(
+            ledger.stats().next,
+            1,
+            "and the commit shows once it is done"
+        );
     }
 
     fn open(dir: &Path, c: &StoreConfig, names: &[&str]) -> Ledger {
