@@ -25,7 +25,8 @@
 //! the machine is shared. `FERRY_BIN=path/to/ferry` measures another build (e.g. a
 //! static musl binary); `--linger` sets `store.commit_linger` (default: ferry's);
 //! `--broker-inflight N` sets mosquitto's `max_inflight_messages` (default 20, its
-//! own default) and the source's `broker_inflight` to match (default: ferry's).
+//! own default); the source's `broker_inflight` always matches it, as its
+//! documentation asks.
 //! Results go in docs/BENCHMARKS.md with the command.
 
 #[path = "../../tests/support/mod.rs"]
@@ -221,9 +222,9 @@ impl Row {
 }
 
 fn run(rate: Rate, readings: u64, args: &Args) -> Row {
+    let inflight = args.inflight.unwrap_or(20);
     let broker = Mosquitto::start_with(&format!(
-        "max_queued_messages 10000000\nmax_inflight_messages {}",
-        args.inflight.unwrap_or(20)
+        "max_queued_messages 10000000\nmax_inflight_messages {inflight}"
     ));
     let receiver = Receiver::start();
     let mut cfg = TestConfig::new("bench", &broker).http(&receiver.url(), "batch");
@@ -231,12 +232,11 @@ fn run(rate: Rate, readings: u64, args: &Args) -> Row {
     cfg.topics = vec![TOPICS.to_string()];
     cfg.store_max_bytes = "256MiB".to_string();
     let mut config = cfg.toml();
-    if let Some(n) = args.inflight {
-        config = config.replace(
-            "\nqos = 1\n",
-            &format!("\nqos = 1\nbroker_inflight = {n}\n"),
-        );
-    }
+    // Configured as the source's docs say: its window is the broker's.
+    config = config.replace(
+        "\nqos = 1\n",
+        &format!("\nqos = 1\nbroker_inflight = {inflight}\n"),
+    );
     if let Some(linger) = &args.linger {
         config = config.replace(
             "\n[store]\n",
