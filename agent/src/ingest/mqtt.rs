@@ -344,6 +344,8 @@ impl MqttSource {
         let mut log_limit = RateLimit::new(3, Duration::from_secs(60));
         let grace = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(grace);
+        // Looked up once: a lookup by name and label allocates and hashes, per reading.
+        let received = metrics::counter!("ferry_input_received_total", "source" => name.clone());
 
         loop {
             tokio::select! {
@@ -396,7 +398,7 @@ impl MqttSource {
                         // While stopping, leave new publishes unacknowledged: the
                         // broker keeps them for the next session.
                         let Some((tx, ack_tx)) = &running else { continue };
-                        metrics::counter!("ferry_input_received_total", "source" => name.clone()).increment(1);
+                        received.increment(1);
                         let qos1 = p.qos != QoS::AtMostOnce;
                         let ack: Option<Ack> = qos1.then(|| {
                             let ack_tx = ack_tx.clone();
