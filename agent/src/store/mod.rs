@@ -54,9 +54,11 @@ pub struct StoreConfig {
     /// input (and so stops acknowledging it) until sinks make room. Default `drop_oldest`.
     #[serde(default)]
     pub when_full: WhenFull,
-    /// Memory the backend may use for its page cache. Default 4MiB: with redb
-    /// the store stays within about 10 MiB with a million events buffered
-    /// (docs/BENCHMARKS.md).
+    /// Memory the backend may use for its page cache. Default 1MiB: the store's
+    /// hot pages are the two ends of the record tree (appends and the sinks'
+    /// reads), and with a million events buffered the whole agent stays within
+    /// 16 MiB (docs/BENCHMARKS.md); more buys a few percent of commit and drain
+    /// rate at 1 to 2 MiB of memory per MiB.
     #[serde(default = "default_cache")]
     pub cache_capacity: Bytes,
     /// Dead letters kept (events an upstream refused for good); when more come,
@@ -71,13 +73,13 @@ pub struct StoreConfig {
     /// commit per handful of readings into one per a few dozen at everyday rates
     /// (docs/BENCHMARKS.md); it adds at most this much latency. A commit does not
     /// wait once an MQTT source has `broker_inflight` readings in it. `0s` commits
-    /// whatever is queued at once. Default 5ms, at most 1s.
+    /// whatever is queued at once. Default 10ms, at most 1s.
     #[serde(default = "default_commit_linger")]
     pub commit_linger: Dur,
 }
 
 fn default_commit_linger() -> Dur {
-    Dur(std::time::Duration::from_millis(5))
+    Dur(std::time::Duration::from_millis(10))
 }
 
 fn default_dead_letters_max() -> usize {
@@ -96,7 +98,7 @@ fn default_max_bytes() -> Bytes {
 const MIN_CACHE: u64 = 64 * 1024;
 
 fn default_cache() -> Bytes {
-    Bytes(4 * 1024 * 1024)
+    Bytes(1024 * 1024)
 }
 
 impl Default for StoreConfig {
