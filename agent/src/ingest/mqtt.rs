@@ -319,6 +319,12 @@ impl MqttSource {
             }
         };
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        // Unbounded in type, bounded by the protocol: an entry is a committed
+        // reading whose PUBACK is not queued to rumqttc yet, and a broker has at
+        // most 65535 packet ids unacknowledged to a client (in practice its window,
+        // `broker_inflight`), so this holds at most that many 16-byte entries.
+        // An ack is run from a synchronous closure after the commit and must not
+        // be dropped (the broker would not send that id again on this connection).
         let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Pending>();
         let gate = Arc::new(AckGate::default());
         let mut acker = tokio::spawn(acker(client.clone(), Arc::clone(&gate), ack_rx));
