@@ -1,8 +1,8 @@
 //! The NATS JetStream sink's publisher against a real nats-server with JetStream:
 //! a batch is accepted only once every message has its publish ack, a resend is
 //! dropped by JetStream as a duplicate, a missing stream is retried with a hint
-//! logged once, and the CloudEvents binding, authentication and TLS work on the
-//! wire.
+//! logged once, and the CloudEvents binding, authentication (token, password,
+//! `.creds` files in operator mode) and TLS work on the wire.
 
 mod support;
 
@@ -348,6 +348,121 @@ async fn a_user_and_a_password_from_a_file_sign_in() {
         .await
         .unwrap();
     assert_eq!(stored(&mut stream).await, 5);
+}
+
+/// A NATS JWT as `nsc` makes them: header and claims in unpadded base64url, signed
+/// with the issuer's nkey (ed25519).
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, nats: Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": format!("ferry-test-{subject}"),
+        "iat": chrono::Utc::now().timestamp(),
+        "iss": issuer.public_key(),
+        "name": "ferry-test",
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(claims.to_string()));
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+/// A `.creds` file in `nsc`'s layout.
+fn creds_file(jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+}
+
+/// Decentralised auth as a NATS operator sets it up: an operator, an account with
+/// JetStream, the system account, and a user of the first account. The server's config lines and the
+/// user's `.creds` file.
+fn operator_mode() -> (String, String) {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        json!({ "type": "operator", "version": 2 }),
+    );
+    let unlimited = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        json!({ "type": "account", "version": 2, "limits": unlimited }),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        json!({ "type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1 }),
+    );
+    // JetStream needs the server's own system account too.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        json!({ "type": "account", "version": 2 }),
+    );
+    let conf = format!(
+        "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+         resolver_preload: {{ {acc}: {account_jwt}, {sys}: {system_jwt} }}",
+        acc = account.public_key(),
+        sys = system.public_key(),
+    );
+    (conf, creds_file(&user_jwt, &user.seed().unwrap()))
+}
+
+#[tokio::test]
+async fn a_creds_file_signs_in_with_its_jwt_and_a_seed_that_is_not_the_users_is_refused() {
+    let (conf, creds) = operator_mode();
+    let server = NatsServer::start_with(&conf);
+    let path = secret(&server, "gw.creds", &creds);
+    let admin = async_nats::ConnectOptions::new()
+        .credentials(&creds)
+        .unwrap()
+        .connect(server.url())
+        .await
+        .unwrap();
+    let mut stream = create_stream(&jetstream::new(admin)).await;
+
+    let cfg = config(
+        &server.url(),
+        &format!("auth = {{ creds_file = {:?} }}", path.display().to_string()),
+    );
+    publisher(&cfg)
+        .publish(&messages(&cfg, 1..=3))
+        .await
+        .unwrap();
+    assert_eq!(stored(&mut stream).await, 3);
+
+    // The user's JWT with another user's seed: the server checks the nonce's
+    // signature against the JWT's key and refuses it.
+    let jwt = creds.lines().nth(1).unwrap();
+    let stranger = nkeys::KeyPair::new_user().seed().unwrap();
+    let forged = secret(&server, "forged.creds", &creds_file(jwt, &stranger));
+    let cfg = config(
+        &server.url(),
+        &format!(
+            "timeout = \"1s\"\nauth = {{ creds_file = {:?} }}",
+            forged.display().to_string()
+        ),
+    );
+    let refused = publisher(&cfg).publish(&messages(&cfg, 4..=4)).await;
+    assert!(
+        matches!(&refused, Err(Failure::Retry { detail, .. }) if !detail.contains(&stranger)),
+        "{refused:?}"
+    );
+    assert_eq!(stored(&mut stream).await, 3);
 }
 
 #[tokio::test]
