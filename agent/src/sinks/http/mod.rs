@@ -306,6 +306,11 @@ pub enum HttpSinkError {
         sink: String,
         source: crate::tls::TlsError,
     },
+    #[error("sink {sink:?}: invalid url")]
+    Url {
+        sink: String,
+        source: url::ParseError,
+    },
 }
 
 pub struct HttpSink {
@@ -316,7 +321,9 @@ pub struct HttpSink {
     batch_max: usize,
     /// Stored bytes per request; see [`HttpSinkConfig::batch_max_bytes`].
     batch_max_bytes: usize,
-    url: String,
+    /// Parsed once: parsing (and IDNA-mapping the host) on every request cost a
+    /// little per commit at everyday rates.
+    url: reqwest::Url,
     client: reqwest::Client,
     /// The credential header, its value marked sensitive so it never shows in
     /// debug output.
@@ -359,6 +366,11 @@ impl HttpSink {
             sink: cfg.name.clone(),
             source,
         })?;
+        // Validation refuses a bad url first; this is the backstop.
+        let url = reqwest::Url::parse(&cfg.url).map_err(|source| HttpSinkError::Url {
+            sink: cfg.name.clone(),
+            source,
+        })?;
         Ok(Self {
             name: cfg.name.clone(),
             max_in_flight: cfg.max_in_flight,
@@ -366,7 +378,7 @@ impl HttpSink {
             mode: cfg.mode,
             batch_max: cfg.batch_max,
             batch_max_bytes: usize::try_from(cfg.batch_max_bytes.0).unwrap_or(usize::MAX),
-            url: cfg.url.clone(),
+            url,
             client,
             auth,
             compression: cfg.compression,
@@ -477,7 +489,7 @@ impl Sink for HttpSink {
                 }
             }
         };
-        let mut req = self.client.post(&self.url).headers(headers);
+        let mut req = self.client.post(self.url.clone()).headers(headers);
         if let Some((name, value)) = &self.auth {
             req = req.header(name.clone(), value.clone());
         }
