@@ -289,6 +289,33 @@ fn secret(server: &NatsServer, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// The `auth` table naming one secret file, e.g. `{ token_file = "..." }`.
+fn file_auth(key: &str, path: &Path) -> String {
+    format!("{{ {key} = {:?} }}", path.display().to_string())
+}
+
+/// Publishes `seqs` through a sink that signs in with `auth` (its `auth` table).
+async fn publish_as(
+    server: &NatsServer,
+    auth: &str,
+    seqs: std::ops::RangeInclusive<u64>,
+) -> Result<(), Failure> {
+    let cfg = config(&server.url(), &format!("timeout = \"1s\"\nauth = {auth}"));
+    publisher(&cfg)
+        .publish(&messages(&cfg, seqs))
+        .await
+        .map(drop)
+}
+
+/// A refused sign-in is retried (the server may learn the user later) and its
+/// detail does not carry the secret.
+fn assert_retried_without(refused: &Result<(), Failure>, secret: &str) {
+    assert!(
+        matches!(refused, Err(Failure::Retry { detail, .. }) if !detail.contains(secret)),
+        "{refused:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_token_from_a_file_signs_in_and_a_wrong_one_is_retried_not_accepted() {
     let server = NatsServer::start_with("authorization { token: \"s3cret-token\" }");
@@ -300,28 +327,13 @@ async fn a_token_from_a_file_signs_in_and_a_wrong_one_is_retried_not_accepted() 
         .unwrap();
     let mut stream = create_stream(&jetstream::new(admin)).await;
 
-    let cfg = config(
-        &server.url(),
-        &format!("auth = {{ token_file = {:?} }}", good.display().to_string()),
-    );
-    publisher(&cfg)
-        .publish(&messages(&cfg, 1..=2))
+    publish_as(&server, &file_auth("token_file", &good), 1..=2)
         .await
         .unwrap();
     assert_eq!(stored(&mut stream).await, 2);
 
-    let cfg = config(
-        &server.url(),
-        &format!(
-            "timeout = \"1s\"\nauth = {{ token_file = {:?} }}",
-            bad.display().to_string()
-        ),
-    );
-    let refused = publisher(&cfg).publish(&messages(&cfg, 3..=3)).await;
-    assert!(
-        matches!(&refused, Err(Failure::Retry { detail, .. }) if !detail.contains("guess")),
-        "{refused:?}"
-    );
+    let refused = publish_as(&server, &file_auth("token_file", &bad), 3..=3).await;
+    assert_retried_without(&refused, "guess");
     assert_eq!(stored(&mut stream).await, 2);
 }
 
@@ -336,17 +348,11 @@ async fn a_user_and_a_password_from_a_file_sign_in() {
             .await
             .unwrap();
     let mut stream = create_stream(&jetstream::new(admin)).await;
-    let cfg = config(
-        &server.url(),
-        &format!(
-            "auth = {{ user = \"ferry\", password_file = {:?} }}",
-            password.display().to_string()
-        ),
+    let auth = format!(
+        "{{ user = \"ferry\", password_file = {:?} }}",
+        password.display().to_string()
     );
-    publisher(&cfg)
-        .publish(&messages(&cfg, 1..=5))
-        .await
-        .unwrap();
+    publish_as(&server, &auth, 1..=5).await.unwrap();
     assert_eq!(stored(&mut stream).await, 5);
 }
 
@@ -435,12 +441,7 @@ async fn a_creds_file_signs_in_with_its_jwt_and_a_seed_that_is_not_the_users_is_
         .unwrap();
     let mut stream = create_stream(&jetstream::new(admin)).await;
 
-    let cfg = config(
-        &server.url(),
-        &format!("auth = {{ creds_file = {:?} }}", path.display().to_string()),
-    );
-    publisher(&cfg)
-        .publish(&messages(&cfg, 1..=3))
+    publish_as(&server, &file_auth("creds_file", &path), 1..=3)
         .await
         .unwrap();
     assert_eq!(stored(&mut stream).await, 3);
@@ -450,18 +451,8 @@ async fn a_creds_file_signs_in_with_its_jwt_and_a_seed_that_is_not_the_users_is_
     let jwt = creds.lines().nth(1).unwrap();
     let stranger = nkeys::KeyPair::new_user().seed().unwrap();
     let forged = secret(&server, "forged.creds", &creds_file(jwt, &stranger));
-    let cfg = config(
-        &server.url(),
-        &format!(
-            "timeout = \"1s\"\nauth = {{ creds_file = {:?} }}",
-            forged.display().to_string()
-        ),
-    );
-    let refused = publisher(&cfg).publish(&messages(&cfg, 4..=4)).await;
-    assert!(
-        matches!(&refused, Err(Failure::Retry { detail, .. }) if !detail.contains(&stranger)),
-        "{refused:?}"
-    );
+    let refused = publish_as(&server, &file_auth("creds_file", &forged), 4..=4).await;
+    assert_retried_without(&refused, &stranger);
     assert_eq!(stored(&mut stream).await, 3);
 }
 
