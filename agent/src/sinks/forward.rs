@@ -156,6 +156,15 @@ async fn forward(
 
     loop {
         save_if_due(store, &name, pos, Instant::now()).await?;
+        // Sent everything committed so far: wait for the next commit instead of
+        // reading the store on the blocking pool only to find nothing, which cost
+        // a read per commit at everyday rates.
+        if pos.at >= *head.borrow_and_update() {
+            if !wait_for_commit(store, &name, head, cancel, pos).await? {
+                return Ok(());
+            }
+            continue;
+        }
         let cursor = pos.at;
         let read = blocking(store, {
             let name = name.clone();
@@ -169,17 +178,10 @@ async fn forward(
                 pos.at = read.next;
                 continue;
             }
-            // Nothing to send: wait for the pipeline to commit more.
-            if *head.borrow_and_update() > cursor {
-                // Committed but not yet readable here: yield rather than spin.
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                }
-                continue;
-            }
-            if !wait_for_commit(store, &name, head, cancel, pos).await? {
-                return Ok(());
+            // Committed but not yet readable here: yield rather than spin.
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
             continue;
         }
@@ -310,14 +312,6 @@ async fn forward(
         backoff.reset();
         pos.at = read.next;
         lag_gauge(store, &name, pos.at);
-        // Sent everything committed so far: wait for the next commit instead of
-        // reading the store on the blocking pool only to find nothing, which cost
-        // a second read per commit at everyday rates.
-        if pos.at >= *head.borrow_and_update()
-            && !wait_for_commit(store, &name, head, cancel, pos).await?
-        {
-            return Ok(());
-        }
     }
 }
 
