@@ -41,6 +41,7 @@ use crate::ingest::{
 use crate::ratelimit::RateLimit;
 use crate::redelivery::{Acknowledged, Delivery, Feed, Window, Windows};
 use crate::sinks;
+use crate::sinks::handoff;
 use crate::store::{Quarantined, Record, SavedState, StateWrite, Store, StoreError};
 
 /// Inputs waiting for the commit task. Bounded: a full channel stops the sources.
@@ -166,6 +167,7 @@ pub async fn run(
     let (actions_tx, actions_rx) = mpsc::channel::<Action>(ACTIONS);
     let mut actions_rx = Some(actions_rx);
     let (head_tx, head_rx) = watch::channel(store.stats().next);
+    let handoff = Arc::new(sinks::handoff::Handoff::default());
     admin_api.attach(Arc::clone(&store), head_tx.clone());
     let stop_sources = CancellationToken::new();
     let sources = TaskTracker::new();
@@ -272,6 +274,7 @@ pub async fn run(
         rules,
         store: Arc::clone(&store),
         head: head_tx,
+        handoff: Arc::clone(&handoff),
         log_limit: RateLimit::new(10, Duration::from_secs(60)),
         origins: source_uris(cfg, &agent_id),
         sinks: sink_names.clone(),
@@ -302,7 +305,7 @@ pub async fn run(
     let sink_tasks = TaskTracker::new();
     for sink in sinks {
         let (store, head, stop) = (Arc::clone(&store), head_rx.clone(), stop_sinks.clone());
-        sink_tasks.spawn(sinks::run(sink, store, head, stop));
+        sink_tasks.spawn(sinks::run(sink, store, head, Arc::clone(&handoff), stop));
     }
     sink_tasks.close();
     info!(agent = %agent_id, "ferry running");
@@ -552,6 +555,8 @@ struct Committer {
     rules: RuleSet,
     store: Arc<dyn Store>,
     head: watch::Sender<u64>,
+    /// The last commit's records, for sinks that are caught up.
+    handoff: Arc<sinks::handoff::Handoff>,
     log_limit: RateLimit,
     origins: HashMap<String, String>,
     /// Where rule actions go.
@@ -1051,8 +1056,14 @@ impl Committer {
                     if reported {
                         info!("store accepting input again");
                     }
-                    self.head
-                        .send_replace(appended.first + records.len() as u64);
+                    let next = appended.first + records.len() as u64;
+                    // The store's task has returned, and its copy with it.
+                    if let Ok(records) = Arc::try_unwrap(records) {
+                        let committed =
+                            handoff::Committed::new(appended.first, records, &appended.sizes);
+                        self.handoff.put(committed);
+                    }
+                    self.head.send_replace(next);
                     crate::telemetry::backlog_gauges(self.store.as_ref(), &self.sinks);
                     return Committed::Yes;
                 }
@@ -1140,7 +1151,12 @@ mod tests {
             let mut appends = self.appends.lock().unwrap();
             let first = appends.iter().map(|(r, _)| r.len() as u64).sum();
             appends.push((records.to_vec(), state.clone()));
-            Ok(Appended { first, dropped: 0 })
+            let sizes = vec![1; records.len()];
+            Ok(Appended {
+                first,
+                dropped: 0,
+                sizes,
+            })
         }
         fn rules_state(&self) -> Result<SavedState, StoreError> {
             Ok(SavedState::default())
@@ -1218,6 +1234,7 @@ emit = { type = "com.example.hot" }
             rules,
             store: Arc::clone(store) as Arc<dyn Store>,
             head: watch::channel(0).0,
+            handoff: Default::default(),
             log_limit: RateLimit::new(10, Duration::from_secs(60)),
             origins: HashMap::new(),
             actuators: Actuators {

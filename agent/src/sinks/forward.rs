@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::handoff::{Handoff, Records};
 use super::{Delivery, Event, Sink};
 use crate::backoff::Backoff;
 use crate::ratelimit::RateLimit;
@@ -66,10 +67,11 @@ pub async fn run(
     sink: Box<dyn Sink>,
     store: Arc<dyn Store>,
     head: watch::Receiver<u64>,
+    handoff: Arc<Handoff>,
     cancel: CancellationToken,
 ) {
     loop {
-        match run_sink(sink.as_ref(), &store, head.clone(), &cancel).await {
+        match run_sink(sink.as_ref(), &store, head.clone(), &handoff, &cancel).await {
             Ok(()) => return,
             Err(error) => {
                 error!(sink = %sink.name(), kind = sink.kind(), %error, "store error; restarting the sink in 5s");
@@ -86,6 +88,7 @@ async fn run_sink(
     sink: &dyn Sink,
     store: &Arc<dyn Store>,
     mut head: watch::Receiver<u64>,
+    handoff: &Handoff,
     cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
     let name = sink.name().to_string();
@@ -95,7 +98,7 @@ async fn run_sink(
     })
     .await?;
     let mut pos = Position::new(cursor, Instant::now());
-    let result = forward(sink, store, &mut head, cancel, &mut pos).await;
+    let result = forward(sink, store, &mut head, handoff, cancel, &mut pos).await;
     // Stopping, or a store error: write down how far the sink got, if it can.
     if pos.save_due().is_some() {
         if let Err(error) = save(store, &name, &mut pos, Instant::now()).await {
@@ -135,6 +138,7 @@ async fn forward(
     sink: &dyn Sink,
     store: &Arc<dyn Store>,
     head: &mut watch::Receiver<u64>,
+    handoff: &Handoff,
     cancel: &CancellationToken,
     pos: &mut Position,
 ) -> Result<(), StoreError> {
@@ -166,16 +170,24 @@ async fn forward(
             continue;
         }
         let cursor = pos.at;
-        let read = blocking(store, {
-            let name = name.clone();
-            move |s| s.read_for(&name, cursor, window, window_bytes)
-        })
-        .await?;
-        let batch = read.records;
+        // Caught up: the commit that woke the sink has its records in memory.
+        let handed = handoff.take(store.as_ref(), &name, cursor, window, window_bytes);
+        let (batch, next) = match handed {
+            Some(taken) => taken,
+            None => {
+                let read = blocking(store, {
+                    let name = name.clone();
+                    move |s| s.read_for(&name, cursor, window, window_bytes)
+                })
+                .await?;
+                (Records::Read(read.records), read.next)
+            }
+        };
         if batch.is_empty() {
-            if read.next > cursor {
-                // Only records that could not be decoded (the store quarantined them).
-                pos.at = read.next;
+            if next > cursor {
+                // Only records that could not be decoded (the store quarantined
+                // them), or that were removed to make room since their commit.
+                pos.at = next;
                 continue;
             }
             // Committed but not yet readable here: yield rather than spin.
@@ -310,7 +322,7 @@ async fn forward(
             }
         }
         backoff.reset();
-        pos.at = read.next;
+        pos.at = next;
         lag_gauge(store, &name, pos.at);
     }
 }

@@ -15,6 +15,7 @@
 pub mod console;
 pub mod event;
 pub mod forward;
+pub mod handoff;
 pub mod http;
 pub mod mqtt;
 pub mod nats;

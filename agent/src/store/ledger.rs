@@ -440,6 +440,7 @@ impl Store for Ledger {
             .map(|r| serde_json::to_vec(r).map_err(|e| StoreError::Backend(e.to_string())))
             .collect::<Result<_, _>>()?;
         let incoming: u64 = encoded.iter().map(|e| e.len() as u64).sum();
+        let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
 
         // Work on a copy: `st` changes only once the batch is committed.
         let mut stats = st.stats;
@@ -507,7 +508,11 @@ impl Store for Ledger {
         count_store_full(removed.into_iter().fold(0, |n, (seq, needers)| {
             n + u64::from(st.holds.removed(seq, needers))
         }));
-        Ok(Appended { first, dropped })
+        Ok(Appended {
+            first,
+            dropped,
+            sizes,
+        })
     }
 
     fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Read, StoreError> {
@@ -613,6 +618,20 @@ impl Store for Ledger {
         drop(st);
         count_store_full(lost);
         Ok(read)
+    }
+
+    fn take_handed(&self, sink: &str, from: u64, to: u64) -> Option<u64> {
+        let mut st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+            // As `lock`: the state is the last consistent one.
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        let head = st.stats.head;
+        let lost = st.holds.read(sink, from, to);
+        drop(st);
+        count_store_full(lost);
+        Some(head)
     }
 
     fn add_dead_letters(&self, letters: Vec<NewDeadLetter>) -> Result<(), StoreError> {
@@ -766,7 +785,7 @@ mod tests {
     }
 
     #[test]
-    fn statistics_and_cursors_are_answered_while_a_commit_waits_for_the_disk() {
+    fn statistics_cursors_and_handoffs_are_answered_while_a_commit_waits_for_the_disk() {
         use std::sync::Arc;
         use std::time::Duration;
         let dir = tempfile::tempdir().unwrap();
@@ -792,12 +811,14 @@ mod tests {
         }
         drop(g);
 
-        // The append is inside its commit, holding the ledger's lock: gauges and
-        // a sink's lag, asked from the async threads, must not wait for the disk.
+        // The append is inside its commit, holding the ledger's lock: gauges, a
+        // sink's lag and a handed batch, asked from the async threads, must not
+        // wait for the disk (a handed batch is read from the store instead).
         let (tx, rx) = std::sync::mpsc::channel();
         let l = Arc::clone(&ledger);
         std::thread::spawn(move || {
-            let _ = tx.send((l.stats().next, l.cursor("a").unwrap()));
+            let handed = l.take_handed("a", 0, 1);
+            let _ = tx.send((l.stats().next, l.cursor("a").unwrap(), handed));
         });
         let answered = rx.recv_timeout(Duration::from_secs(10));
         lock.lock().unwrap().0 = false;
@@ -805,7 +826,7 @@ mod tests {
         appending.join().unwrap().unwrap();
         assert_eq!(
             answered,
-            Ok((0, 0)),
+            Ok((0, 0, None)),
             "answered before the commit, with what was committed before it"
         );
         assert_eq!(

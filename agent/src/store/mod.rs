@@ -399,6 +399,8 @@ pub struct Appended {
     /// `ferry_store_dropped_total{reason="store_full"}` itself, as they are lost:
     /// one a sink was still sending is counted only if it is never delivered.
     pub dropped: u64,
+    /// Each record's size as stored, in order ([`Stored::bytes`]).
+    pub sizes: Vec<usize>,
 }
 
 /// Size and position of what is stored.
@@ -458,6 +460,18 @@ pub trait Store: Send + Sync + 'static {
         max: usize,
         max_bytes: usize,
     ) -> Result<Read, StoreError>;
+
+    /// For a sink that has the records `[from, to)` in memory, handed over by the
+    /// commit that stored them ([`crate::sinks::handoff`]): registers them as read
+    /// by `sink`, as [`Store::read_for`] does, without reading them. Returns the
+    /// head: records before it were removed to make room (and counted then), and
+    /// must not be sent. `None` if a commit holds the store just then: the sink
+    /// reads instead, rather than wait for the disk on the async runtime. Does not
+    /// block.
+    fn take_handed(&self, sink: &str, from: u64, to: u64) -> Option<u64> {
+        let _ = (sink, from, to);
+        None
+    }
 
     /// Keeps events an upstream refused for good, durably, before the sink moves
     /// its cursor past them. An event already kept for the same sink and sequence
