@@ -138,7 +138,8 @@ pub async fn run(
     };
 
     // The gauges from the start: a backlog left by the last run shows before any input.
-    crate::telemetry::backlog_gauges(store.as_ref(), &sink_names);
+    let lag = Arc::new(crate::telemetry::SinkLag::new(store.as_ref(), &sink_names));
+    crate::telemetry::backlog_gauges(store.as_ref(), &lag);
 
     let mut rules = rules;
     match store.rules_state() {
@@ -277,7 +278,7 @@ pub async fn run(
         handoff: Arc::clone(&handoff),
         log_limit: RateLimit::new(10, Duration::from_secs(60)),
         origins: source_uris(cfg, &agent_id),
-        sinks: sink_names.clone(),
+        lag: Arc::clone(&lag),
         actuators: Actuators {
             // Without an MQTT source to publish through, publishes are counted and dropped.
             mqtt: actions_rx.is_none().then_some(actions_tx),
@@ -304,8 +305,13 @@ pub async fn run(
     let stop_sinks = CancellationToken::new();
     let sink_tasks = TaskTracker::new();
     for sink in sinks {
-        let (store, head, stop) = (Arc::clone(&store), head_rx.clone(), stop_sinks.clone());
-        sink_tasks.spawn(sinks::run(sink, store, head, Arc::clone(&handoff), stop));
+        let shared = sinks::Shared {
+            store: Arc::clone(&store),
+            head: head_rx.clone(),
+            handoff: Arc::clone(&handoff),
+            lag: Arc::clone(&lag),
+        };
+        sink_tasks.spawn(sinks::run(sink, shared, stop_sinks.clone()));
     }
     sink_tasks.close();
     info!(agent = %agent_id, "ferry running");
@@ -561,8 +567,8 @@ struct Committer {
     origins: HashMap<String, String>,
     /// Where rule actions go.
     actuators: Actuators,
-    /// The sinks' names, for their lag gauges.
-    sinks: Vec<String>,
+    /// The sinks' lag gauges.
+    lag: Arc<crate::telemetry::SinkLag>,
     /// Rule bookkeeping changed since the state was last saved.
     progress_unsaved: bool,
     last_state_save: Instant,
@@ -1064,7 +1070,7 @@ impl Committer {
                         self.handoff.put(committed);
                     }
                     self.head.send_replace(next);
-                    crate::telemetry::backlog_gauges(self.store.as_ref(), &self.sinks);
+                    crate::telemetry::backlog_gauges(self.store.as_ref(), &self.lag);
                     return Committed::Yes;
                 }
                 Err(StoreError::TooLarge { .. }) => {
@@ -1241,7 +1247,7 @@ emit = { type = "com.example.hot" }
                 mqtt: None,
                 serial: HashMap::new(),
             },
-            sinks: Vec::new(),
+            lag: Arc::new(crate::telemetry::SinkLag::new(&**store, &[])),
             progress_unsaved: false,
             last_state_save: Instant::now(),
             changed: HashSet::new(),

@@ -20,6 +20,7 @@
 use std::fmt::{self, Write as _};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -438,17 +439,53 @@ pub fn store_gauges(stats: &crate::store::Stats) {
     metrics::gauge!("ferry_store_bytes").set(stats.bytes as f64);
 }
 
-/// Publishes the store gauges and every sink's lag (records committed but not yet
-/// delivered). Called at start and after each commit, so the lag grows while an
-/// upstream is down, when no sink advances, which is when an alert on it matters.
-pub fn backlog_gauges(store: &dyn crate::store::Store, sinks: &[String]) {
+/// Publishes the store gauges and every sink's lag. Called at start and after
+/// each commit, so the lag grows while an upstream is down, when no sink
+/// advances, which is when an alert on it matters.
+pub fn backlog_gauges(store: &dyn crate::store::Store, lag: &SinkLag) {
     let stats = store.stats();
     store_gauges(&stats);
-    for sink in sinks {
-        if let Ok(cursor) = store.cursor(sink) {
-            metrics::gauge!("ferry_sink_lag_records", "sink" => sink.clone())
-                .set(stats.next.saturating_sub(cursor) as f64);
+    lag.publish(&stats);
+}
+
+/// Each sink's lag (`ferry_sink_lag_records`: records committed but not yet
+/// delivered), from where the sink is in memory. Its saved cursor trails that by
+/// up to a quarter second of records: computed from the cursor after each commit
+/// and from the position by the sink, the gauge jumped between the two.
+#[derive(Debug)]
+pub struct SinkLag(Vec<(String, AtomicU64)>);
+
+impl SinkLag {
+    /// Starts every sink at its saved cursor.
+    pub fn new(store: &dyn crate::store::Store, sinks: &[String]) -> SinkLag {
+        let at = |sink: &str| store.cursor(sink).unwrap_or(0);
+        SinkLag(
+            sinks
+                .iter()
+                .map(|s| (s.clone(), AtomicU64::new(at(s))))
+                .collect(),
+        )
+    }
+
+    /// `sink` has delivered (or settled) everything before `at`.
+    pub fn delivered(&self, sink: &str, at: u64, stats: &crate::store::Stats) {
+        if let Some((name, pos)) = self.0.iter().find(|(name, _)| name == sink) {
+            pos.store(at, Ordering::Relaxed);
+            Self::set(name, at, stats);
         }
+    }
+
+    /// Publishes every sink's lag against `stats`.
+    fn publish(&self, stats: &crate::store::Stats) {
+        for (name, pos) in &self.0 {
+            Self::set(name, pos.load(Ordering::Relaxed), stats);
+        }
+    }
+
+    fn set(name: &str, at: u64, stats: &crate::store::Stats) {
+        // Records before the head were dropped to make room: not owed any more.
+        let lag = stats.next.saturating_sub(at.max(stats.head));
+        metrics::gauge!("ferry_sink_lag_records", "sink" => name.to_string()).set(lag as f64);
     }
 }
 
@@ -756,5 +793,45 @@ mod tests {
     fn plain_text_passes_unchanged_and_controls_are_escaped() {
         assert_eq!(escape_control("sensors/oven-1 °C"), "sensors/oven-1 °C");
         assert_eq!(escape_control("a\nb\tc\u{0}"), r"a\nb\tc\u{0}");
+    }
+
+    #[test]
+    fn a_sinks_lag_after_a_commit_counts_from_where_the_sink_is_not_its_saved_cursor() {
+        use crate::store::{Store, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let sinks = ["cloud".to_string()];
+        let store = crate::store::open_as_is(dir.path(), &StoreConfig::default(), &sinks).unwrap();
+        let record = crate::store::Record {
+            source: "/ferry/gw/mqtt/local".into(),
+            event_type: "io.ferry.reading".into(),
+            subject: "freezer-1".into(),
+            time: chrono::Utc::now(),
+            data: serde_json::json!({ "temperature": -18.0 }),
+            ext: Default::default(),
+            to: None,
+            origin: None,
+        };
+        let records = vec![record; 10];
+        store
+            .append(&records, &crate::store::StateWrite::default())
+            .unwrap();
+        let lag = SinkLag::new(&store, &sinks);
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            backlog_gauges(&store, &lag);
+            assert!(handle
+                .render()
+                .contains("ferry_sink_lag_records{sink=\"cloud\"} 10"));
+            // Delivered all ten; the cursor is saved later (at most every 250 ms).
+            lag.delivered("cloud", 10, &store.stats());
+            store.append(&records[..2], &Default::default()).unwrap();
+            backlog_gauges(&store, &lag);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("ferry_sink_lag_records{sink=\"cloud\"} 2"),
+            "the two new records, not twelve: {text}"
+        );
     }
 }

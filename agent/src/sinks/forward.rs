@@ -32,6 +32,7 @@ use super::{Delivery, Event, Sink};
 use crate::backoff::Backoff;
 use crate::ratelimit::RateLimit;
 use crate::store::{NewDeadLetter, Store, StoreError};
+use crate::telemetry::SinkLag;
 
 /// How often a moving cursor is written to the store.
 pub const SAVE_CURSOR_EVERY: Duration = Duration::from_millis(250);
@@ -61,17 +62,22 @@ impl Position {
     }
 }
 
+/// What the sink tasks share with the rest of the pipeline.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    /// The sequence after the last commit.
+    pub head: watch::Receiver<u64>,
+    /// The last commit's records.
+    pub handoff: Arc<Handoff>,
+    /// The sinks' lag gauges.
+    pub lag: Arc<SinkLag>,
+}
+
 /// Runs one sink until cancelled. A store error (a failing disk) does not end it:
 /// the sink logs, waits, and starts again from its durable cursor.
-pub async fn run(
-    sink: Box<dyn Sink>,
-    store: Arc<dyn Store>,
-    head: watch::Receiver<u64>,
-    handoff: Arc<Handoff>,
-    cancel: CancellationToken,
-) {
+pub async fn run(sink: Box<dyn Sink>, shared: Shared, cancel: CancellationToken) {
     loop {
-        match run_sink(sink.as_ref(), &store, head.clone(), &handoff, &cancel).await {
+        match run_sink(sink.as_ref(), &shared, shared.head.clone(), &cancel).await {
             Ok(()) => return,
             Err(error) => {
                 error!(sink = %sink.name(), kind = sink.kind(), %error, "store error; restarting the sink in 5s");
@@ -86,22 +92,21 @@ pub async fn run(
 
 async fn run_sink(
     sink: &dyn Sink,
-    store: &Arc<dyn Store>,
+    shared: &Shared,
     mut head: watch::Receiver<u64>,
-    handoff: &Handoff,
     cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
     let name = sink.name().to_string();
-    let cursor = blocking(store, {
+    let cursor = blocking(&shared.store, {
         let name = name.clone();
         move |s| s.cursor(&name)
     })
     .await?;
     let mut pos = Position::new(cursor, Instant::now());
-    let result = forward(sink, store, &mut head, handoff, cancel, &mut pos).await;
+    let result = forward(sink, shared, &mut head, cancel, &mut pos).await;
     // Stopping, or a store error: write down how far the sink got, if it can.
     if pos.save_due().is_some() {
-        if let Err(error) = save(store, &name, &mut pos, Instant::now()).await {
+        if let Err(error) = save(shared, &name, &mut pos, Instant::now()).await {
             warn!(sink = %name, %error, "cannot save the sink's position; it resends from the last one saved");
         }
     }
@@ -110,24 +115,24 @@ async fn run_sink(
 
 /// Writes the position to the store if it is due.
 async fn save_if_due(
-    store: &Arc<dyn Store>,
+    shared: &Shared,
     name: &str,
     pos: &mut Position,
     now: Instant,
 ) -> Result<(), StoreError> {
     if pos.save_due().is_some_and(|due| due <= now) {
-        save(store, name, pos, now).await?;
+        save(shared, name, pos, now).await?;
     }
     Ok(())
 }
 
 async fn save(
-    store: &Arc<dyn Store>,
+    shared: &Shared,
     name: &str,
     pos: &mut Position,
     now: Instant,
 ) -> Result<(), StoreError> {
-    advance(store, name, pos.at).await?;
+    advance(shared, name, pos.at).await?;
     pos.saved = pos.at;
     pos.saved_when = now;
     Ok(())
@@ -136,12 +141,12 @@ async fn save(
 /// The sink's loop; `pos` is how far it got, whatever the outcome.
 async fn forward(
     sink: &dyn Sink,
-    store: &Arc<dyn Store>,
+    shared: &Shared,
     head: &mut watch::Receiver<u64>,
-    handoff: &Handoff,
     cancel: &CancellationToken,
     pos: &mut Position,
 ) -> Result<(), StoreError> {
+    let store = &shared.store;
     let name = sink.name().to_string();
     let mut backoff = Backoff::new(sink.retry());
     let per_request = sink.per_request().max(1);
@@ -159,19 +164,19 @@ async fn forward(
     info!(sink = %name, kind = sink.kind(), cursor = pos.at, ?max_message, "sink started");
 
     loop {
-        save_if_due(store, &name, pos, Instant::now()).await?;
+        save_if_due(shared, &name, pos, Instant::now()).await?;
         // Sent everything committed so far: wait for the next commit instead of
         // reading the store on the blocking pool only to find nothing, which cost
         // a read per commit at everyday rates.
         if pos.at >= *head.borrow_and_update() {
-            if !wait_for_commit(store, &name, head, cancel, pos).await? {
+            if !wait_for_commit(shared, &name, head, cancel, pos).await? {
                 return Ok(());
             }
             continue;
         }
         let cursor = pos.at;
         // Caught up: the commit that woke the sink has its records in memory.
-        let handed = handoff.take(store.as_ref(), &name, cursor, window, window_bytes);
+        let handed = (shared.handoff).take(store.as_ref(), &name, cursor, window, window_bytes);
         let (batch, next) = match handed {
             Some(taken) => taken,
             None => {
@@ -299,7 +304,7 @@ async fn forward(
                     if let Some(&seq) = seqs.get(done) {
                         if seq > pos.at {
                             pos.at = seq;
-                            save(store, &name, pos, Instant::now()).await?;
+                            save(shared, &name, pos, Instant::now()).await?;
                         }
                     }
                     let delay = retry_delay(backoff.next_delay(), after);
@@ -323,7 +328,7 @@ async fn forward(
         }
         backoff.reset();
         pos.at = next;
-        lag_gauge(store, &name, pos.at);
+        shared.lag.delivered(&name, pos.at, &store.stats());
     }
 }
 
@@ -331,7 +336,7 @@ async fn forward(
 /// the position once it is due rather than leaving it behind. `false` when
 /// stopping.
 async fn wait_for_commit(
-    store: &Arc<dyn Store>,
+    shared: &Shared,
     name: &str,
     head: &mut watch::Receiver<u64>,
     cancel: &CancellationToken,
@@ -342,7 +347,7 @@ async fn wait_for_commit(
         _ = cancel.cancelled() => Ok(false),
         changed = head.changed() => Ok(changed.is_ok()),
         _ = sleep_until_some(due) => {
-            save(store, name, pos, Instant::now()).await?;
+            save(shared, name, pos, Instant::now()).await?;
             Ok(true)
         }
     }
@@ -477,17 +482,13 @@ async fn keep_dead_letters(
     blocking(store, move |s| s.add_dead_letters(letters)).await
 }
 
-async fn advance(store: &Arc<dyn Store>, name: &str, to: u64) -> Result<(), StoreError> {
+async fn advance(shared: &Shared, name: &str, to: u64) -> Result<(), StoreError> {
     let sink = name.to_string();
-    blocking(store, move |s| s.advance(&sink, to)).await?;
-    lag_gauge(store, name, to);
-    crate::telemetry::store_gauges(&store.stats());
+    blocking(&shared.store, move |s| s.advance(&sink, to)).await?;
+    let stats = shared.store.stats();
+    shared.lag.delivered(name, to, &stats);
+    crate::telemetry::store_gauges(&stats);
     Ok(())
-}
-
-fn lag_gauge(store: &Arc<dyn Store>, name: &str, at: u64) {
-    metrics::gauge!("ferry_sink_lag_records", "sink" => name.to_string())
-        .set(store.stats().next.saturating_sub(at) as f64);
 }
 
 /// Runs a store call off the async threads.

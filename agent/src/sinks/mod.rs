@@ -27,7 +27,7 @@ use serde::Deserialize;
 
 use crate::config::{BackoffConfig, Problem};
 pub use event::Event;
-pub use forward::{blocking, run};
+pub use forward::{blocking, run, Shared};
 
 /// What the upstream said about one request.
 #[derive(Debug, Clone, PartialEq)]
