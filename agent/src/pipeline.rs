@@ -610,6 +610,9 @@ impl Committer {
                         return;
                     }
                     self.gather(&mut rx, &mut inputs, &shutdown).await;
+                    // Most inputs are one record each; a record is large, and
+                    // growing the list a doubling at a time showed in profiles.
+                    batch.records.reserve(inputs.len());
                     for Admitted { input, .. } in inputs.drain(..) {
                         self.take(input, &mut batch);
                     }
