@@ -6,17 +6,15 @@
 //! `clean_session = false` the broker keeps everything unacknowledged (and anything
 //! published while the agent is away) and delivers it again on reconnect.
 //!
-//! These rules, most of them from rumqttc's behaviour, shape this file:
-//! - the source writes the PUBACKs itself, on the event loop's connection, between
-//!   two polls ([`write_acks`]): a commit's acknowledgements go out in one write.
-//!   Queued through rumqttc's client, each PUBACK was a turn of the event loop and a
-//!   write of its own, which at everyday rates was the largest cost of a reading
-//!   after the store's commit. Acks are written in arrival order because the
-//!   pipeline runs them in that order;
-//! - an ack goes out only on the connection its publish came on: a PUBACK for a
-//!   packet id of an old connection, sent on a new one, would acknowledge whatever
-//!   the broker now sends under that id (after a lost session, ids start again at
-//!   1). The broker sends those publishes again with DUP set, and the commit task
+//! Three rules from rumqttc's behaviour shape this file:
+//! - acks go through a separate task (`acker`): awaiting `client.ack()` from the task
+//!   that polls the event loop can deadlock; acks are sent in arrival order because
+//!   the pipeline runs them in that order;
+//! - an ack goes out only on the connection its publish came on ([`AckGate`]):
+//!   rumqttc keeps requests queued across a reconnect, and a PUBACK for a packet id
+//!   of the old connection, sent on the new one, would acknowledge whatever the
+//!   broker now sends under that id (after a lost session, ids start again at 1).
+//!   The broker sends those publishes again with DUP set, and the commit task
 //!   recognises them ([`crate::redelivery`]); to let it, every delivery carries its
 //!   packet id, a digest of topic and payload, its DUP flag and its connection,
 //!   and the source reports each PUBACK written and each session the broker lost;
@@ -26,14 +24,13 @@
 //!   lost the session.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_rules::Action;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
-    Packet, PubAck, QoS, StateError, SubscribeFilter, SubscribeReasonCode, TlsConfiguration,
-    Transport,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Outgoing, Packet, Publish,
+    QoS, StateError, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -323,13 +320,14 @@ impl MqttSource {
         };
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         // Unbounded in type, bounded by the protocol: an entry is a committed
-        // reading whose PUBACK is not written yet, and a broker has at most 65535
-        // packet ids unacknowledged to a client (in practice its window,
+        // reading whose PUBACK is not queued to rumqttc yet, and a broker has at
+        // most 65535 packet ids unacknowledged to a client (in practice its window,
         // `broker_inflight`), so this holds at most that many 16-byte entries.
         // An ack is run from a synchronous closure after the commit and must not
         // be dropped (the broker would not send that id again on this connection).
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Pending>();
-        let mut acks = Vec::new();
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Pending>();
+        let gate = Arc::new(AckGate::default());
+        let mut acker = tokio::spawn(acker(client.clone(), Arc::clone(&gate), ack_rx));
         // Connections are counted from 1; publishes carry the count of theirs.
         let mut connection = 0u64;
         let mut backoff = Backoff::new(self.cfg.reconnect);
@@ -356,148 +354,171 @@ impl MqttSource {
         let received = metrics::counter!("ferry_input_received_total", "source" => name.clone());
 
         loop {
-            let ev = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = cancel.cancelled(), if running.is_some() => {
                     running = None;
                     info!(source = %name, "stopping; acknowledging what was committed");
                     grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(5));
-                    continue;
                 }
-                // Before the event loop: PUBACKs free the broker's window.
-                n = ack_rx.recv_many(&mut acks, ACKS_PER_WRITE), if !acks_done => {
-                    if n == 0 {
-                        // Every sender is gone: stopping, and the pipeline is done.
-                        acks_done = true;
-                        if client.try_disconnect().is_err() || !connected {
-                            break;
-                        }
-                        continue;
-                    }
-                    let current = connected.then_some(connection);
-                    let written = write_acks(&mut eventloop, current, acks.drain(..), &self.feed).await;
-                    match written {
-                        Ok(()) => continue,
-                        Err(error) => {
-                            // As rumqttc does after a failed write of its own.
-                            eventloop.clean();
-                            Err(error)
-                        }
+                _ = &mut acker, if running.is_none() && !acks_done => {
+                    acks_done = true;
+                    if client.try_disconnect().is_err() || !connected {
+                        break;
                     }
                 }
                 Some(action) = async { match actions.as_mut() { Some(rx) => rx.recv().await, None => None } }, if running.is_some() => {
                     publish_action(&client, &name, action);
-                    continue;
                 }
                 _ = &mut grace, if running.is_none() => {
                     warn!(source = %name, "gave up waiting for acknowledgements; the broker will redeliver");
                     break;
                 }
-                ev = eventloop.poll() => ev,
-            };
-            match ev {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    connected = true;
-                    outage_reported = false;
-                    backoff.reset();
-                    connection += 1;
-                    if !ack.session_present {
-                        self.feed.push(AckEvent::SessionLost { connection });
-                    }
-                    info!(source = %name, session_present = ack.session_present, "connected to broker");
-                    if ack.code == ConnectReturnCode::Success && running.is_some() {
-                        if let Err(error) = client.try_subscribe_many(filters.clone()) {
-                            warn!(source = %name, %error, "cannot queue subscription");
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        connected = true;
+                        outage_reported = false;
+                        backoff.reset();
+                        connection += 1;
+                        gate.open(connection);
+                        if !ack.session_present {
+                            self.feed.push(AckEvent::SessionLost { connection });
+                        }
+                        info!(source = %name, session_present = ack.session_present, "connected to broker");
+                        if ack.code == ConnectReturnCode::Success && running.is_some() {
+                            if let Err(error) = client.try_subscribe_many(filters.clone()) {
+                                warn!(source = %name, %error, "cannot queue subscription");
+                            }
                         }
                     }
-                }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    for (code, topic) in ack.return_codes.iter().zip(&self.cfg.topics) {
-                        if matches!(code, SubscribeReasonCode::Failure) {
-                            warn!(source = %name, %topic, "broker refused the subscription");
-                        } else {
-                            debug!(source = %name, %topic, "subscribed");
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        for (code, topic) in ack.return_codes.iter().zip(&self.cfg.topics) {
+                            if matches!(code, SubscribeReasonCode::Failure) {
+                                warn!(source = %name, %topic, "broker refused the subscription");
+                            } else {
+                                debug!(source = %name, %topic, "subscribed");
+                            }
                         }
                     }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    // While stopping, leave new publishes unacknowledged: the
-                    // broker keeps them for the next session.
-                    let Some((tx, ack_tx)) = &running else {
-                        continue;
-                    };
-                    received.increment(1);
-                    let qos1 = p.qos != QoS::AtMostOnce;
-                    let ack: Option<Ack> = qos1.then(|| {
-                        let ack_tx = ack_tx.clone();
-                        let pending = Pending {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        // While stopping, leave new publishes unacknowledged: the
+                        // broker keeps them for the next session.
+                        let Some((tx, ack_tx)) = &running else { continue };
+                        received.increment(1);
+                        let qos1 = p.qos != QoS::AtMostOnce;
+                        let ack: Option<Ack> = qos1.then(|| {
+                            let ack_tx = ack_tx.clone();
+                            let pending = Pending { connection, packet_id: p.pkid, qos: p.qos };
+                            Box::new(move || {
+                                // The acker ends only after every sender is gone,
+                                // so this send fails only at the very end of shutdown.
+                                let _ = ack_tx.send(pending);
+                            }) as Ack
+                        });
+                        let delivery = qos1.then(|| Delivery {
+                            key: Key::new(p.pkid, &p.topic, &p.payload),
+                            dup: p.dup,
                             connection,
-                            packet_id: p.pkid,
+                        });
+                        let input = Input {
+                            origin: Arc::clone(&self.origin),
+                            payload: Payload::Raw { topic: p.topic.clone(), bytes: p.payload.to_vec() },
+                            received: chrono::Utc::now(),
+                            ack,
+                            delivery,
                         };
-                        Box::new(move || {
-                            // The source takes acks until every sender is gone,
-                            // so this send fails only at the very end of shutdown.
-                            let _ = ack_tx.send(pending);
-                        }) as Ack
-                    });
-                    let delivery = qos1.then(|| Delivery {
-                        key: Key::new(p.pkid, &p.topic, &p.payload),
-                        dup: p.dup,
-                        connection,
-                    });
-                    let input = Input {
-                        origin: Arc::clone(&self.origin),
-                        payload: Payload::Raw {
-                            topic: p.topic.clone(),
-                            bytes: p.payload.to_vec(),
-                        },
-                        received: chrono::Utc::now(),
-                        ack,
-                        delivery,
-                    };
-                    // Waiting here is the backpressure: we stop reading the socket.
-                    tokio::select! {
-                        _ = cancel.cancelled() => {}
-                        r = tx.send(input) => if r.is_err() { running = None },
-                    }
-                }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                    debug!(source = %name, "disconnect sent");
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    // Acks of this connection that are still queued are dropped
-                    // when they are taken: the broker sends their publishes again.
-                    if running.is_none() {
-                        break;
-                    }
-                    let reason = disconnect_reason(&error);
-                    metrics::counter!("ferry_source_disconnects_total", "source" => name.clone(), "reason" => reason).increment(1);
-                    let loud = connected || !outage_reported;
-                    match log_limit.check(std::time::Instant::now()).filter(|_| loud) {
-                        Some(suppressed) if connected => {
-                            warn!(source = %name, reason, %error, suppressed, "lost the broker; reconnecting with backoff");
-                        }
-                        // Also the place a wrong password or an unreachable broker
-                        // shows up first: say it loudly, once.
-                        Some(suppressed) => {
-                            warn!(source = %name, reason, %error, suppressed, "cannot connect to the broker; retrying with backoff");
-                        }
-                        None => {
-                            debug!(source = %name, reason, %error, "still cannot connect to the broker")
+                        // Waiting here is the backpressure: we stop reading the socket.
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            r = tx.send(input) => if r.is_err() { running = None },
                         }
                     }
-                    outage_reported = true;
-                    connected = false;
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        _ = cancel.cancelled() => {}
-                        _ = tokio::time::sleep(delay) => {}
+                    Ok(Event::Outgoing(Outgoing::PubAck(packet_id))) => {
+                        self.feed.push(AckEvent::Written { connection, packet_id });
                     }
-                }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                        debug!(source = %name, "disconnect sent");
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        // rumqttc dropped the PUBACKs it had queued; drop any the
+                        // acker queued since, and let no more of this connection's in.
+                        gate.close(|| eventloop.clean());
+                        if running.is_none() {
+                            break;
+                        }
+                        let reason = disconnect_reason(&error);
+                        metrics::counter!("ferry_source_disconnects_total", "source" => name.clone(), "reason" => reason).increment(1);
+                        let loud = connected || !outage_reported;
+                        match log_limit.check(std::time::Instant::now()).filter(|_| loud) {
+                            Some(suppressed) if connected => {
+                                warn!(source = %name, reason, %error, suppressed, "lost the broker; reconnecting with backoff");
+                            }
+                            // Also the place a wrong password or an unreachable broker
+                            // shows up first: say it loudly, once.
+                            Some(suppressed) => {
+                                warn!(source = %name, reason, %error, suppressed, "cannot connect to the broker; retrying with backoff");
+                            }
+                            None => debug!(source = %name, reason, %error, "still cannot connect to the broker"),
+                        }
+                        outage_reported = true;
+                        connected = false;
+                        let delay = backoff.next_delay();
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                },
             }
         }
+        // The acker may still hold acks: with the event loop gone they can only be dropped.
+        gate.close(|| {});
         info!(source = %name, "MQTT source stopped");
+    }
+}
+
+/// Which connection PUBACKs may go out on: the current one, or none between
+/// connections. An ack is queued to rumqttc under the gate's lock, and closing the
+/// gate clears rumqttc's queue of PUBACKs under the same lock, so no PUBACK of one
+/// connection can be written on the next.
+#[derive(Debug, Default)]
+struct AckGate(Mutex<u64>);
+
+/// What [`AckGate::offer`] did with an ack.
+#[derive(Debug, PartialEq, Eq)]
+enum Offered {
+    Queued,
+    /// Its connection is gone: the broker sends the publish again.
+    Stale,
+    /// rumqttc's request queue is full: offer it again shortly.
+    Busy,
+}
+
+impl AckGate {
+    /// PUBACKs of `connection` may go out (0 is no connection).
+    fn open(&self, connection: u64) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = connection;
+    }
+
+    /// No PUBACK may go out until the next [`AckGate::open`]; `clear` runs under
+    /// the lock to remove what is already queued.
+    fn close(&self, clear: impl FnOnce()) {
+        let mut current = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *current = 0;
+        clear();
+    }
+
+    /// Queues an ack of `connection` with `queue` if that connection is current.
+    fn offer<E>(&self, connection: u64, queue: impl FnOnce() -> Result<(), E>) -> Offered {
+        let current = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != connection || connection == 0 {
+            return Offered::Stale;
+        }
+        match queue() {
+            Ok(()) => Offered::Queued,
+            Err(_) => Offered::Busy,
+        }
     }
 }
 
@@ -570,63 +591,44 @@ fn publish_action(client: &AsyncClient, source: &str, action: Action) {
     }
 }
 
-/// Most PUBACKs taken for one write: a few commits' worth of a broker's window.
-const ACKS_PER_WRITE: usize = 256;
-
-/// A PUBACK the pipeline released and the source has yet to write: what it takes
+/// A PUBACK the pipeline released and the acker has yet to queue: what it takes
 /// and no more. Holding the publish itself would keep its payload, and the read
 /// buffer the payload is a slice of, alive until the PUBACK is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 struct Pending {
     connection: u64,
     packet_id: u16,
+    qos: QoS,
 }
 
-/// The packet ids of `acks` that may go out on `current` (the open connection, if
-/// any), in order: an ack of another connection is dropped, since its publish
-/// comes again, and on the open connection its id may now name another publish.
-fn on_connection(acks: impl Iterator<Item = Pending>, current: Option<u64>) -> Vec<u16> {
-    acks.filter(|a| Some(a.connection) == current)
-        .map(|a| a.packet_id)
-        .collect()
-}
-
-/// Writes the PUBACKs of `acks` that belong to the open connection, in order, with
-/// one flush, and reports each one written to the commit task. Runs between two
-/// polls of the event loop, which owns the connection; bounded by the connection
-/// timeout, as rumqttc bounds its own flushes.
-async fn write_acks(
-    eventloop: &mut EventLoop,
-    current: Option<u64>,
-    acks: impl Iterator<Item = Pending>,
-    feed: &Feed,
-) -> Result<(), ConnectionError> {
-    let ids = on_connection(acks, current);
-    let (Some(connection), Some(network)) = (current, eventloop.network.as_mut()) else {
-        return Ok(());
-    };
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let timeout = Duration::from_secs(eventloop.network_options.connection_timeout());
-    let write = async {
-        for &id in &ids {
-            network.write(Packet::PubAck(PubAck::new(id))).await?;
+/// Sends PUBACKs in the order the pipeline committed the readings, each only on
+/// the connection its publish came on.
+async fn acker(client: AsyncClient, gate: Arc<AckGate>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    while let Some(Pending {
+        connection,
+        packet_id,
+        qos,
+    }) = rx.recv().await
+    {
+        // rumqttc acknowledges a publish by its packet id and QoS.
+        let mut p = Publish::new("", qos, Vec::<u8>::new());
+        p.pkid = packet_id;
+        loop {
+            match gate.offer(connection, || client.try_ack(&p)) {
+                Offered::Queued => break,
+                Offered::Stale => {
+                    debug!(
+                        packet_id = p.pkid,
+                        "connection gone before the PUBACK; the broker will redeliver"
+                    );
+                    break;
+                }
+                // Not waiting on the queue under the lock: the event loop drains
+                // it, and closing the gate needs the lock.
+                Offered::Busy => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
         }
-        network.flush().await
-    };
-    match tokio::time::timeout(timeout, write).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => return Err(ConnectionError::MqttState(error)),
-        Err(_) => return Err(ConnectionError::FlushTimeout),
     }
-    for packet_id in ids {
-        feed.push(AckEvent::Written {
-            connection,
-            packet_id,
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -724,29 +726,44 @@ mod tests {
         );
     }
 
-    fn pending(connection: u64, packet_id: u16) -> Pending {
-        Pending {
-            connection,
-            packet_id,
-        }
-    }
-
     #[test]
-    fn acks_go_out_on_the_connection_their_publishes_came_on_in_order() {
-        let acks = [pending(3, 7), pending(3, 5), pending(3, 6)];
-        assert_eq!(on_connection(acks.into_iter(), Some(3)), [7, 5, 6]);
+    fn an_ack_goes_out_on_the_connection_its_publish_came_on() {
+        let gate = AckGate::default();
+        gate.open(3);
+        assert_eq!(gate.offer(3, || Ok::<(), ()>(())), Offered::Queued);
     }
 
     #[test]
     fn an_ack_of_a_previous_connection_is_dropped_on_the_next() {
-        let acks = [pending(1, 7), pending(2, 7), pending(1, 8)];
-        assert_eq!(on_connection(acks.into_iter(), Some(2)), [7]);
+        let gate = AckGate::default();
+        gate.open(1);
+        gate.close(|| {});
+        gate.open(2);
+        let mut queued = false;
+        let offered = gate.offer(1, || {
+            queued = true;
+            Ok::<(), ()>(())
+        });
+        assert_eq!(offered, Offered::Stale);
+        assert!(!queued, "nothing may reach the client's queue");
     }
 
     #[test]
     fn no_ack_goes_out_between_connections() {
-        let acks = [pending(1, 7), pending(2, 8)];
-        assert!(on_connection(acks.into_iter(), None).is_empty());
+        let gate = AckGate::default();
+        gate.open(1);
+        let mut cleared = false;
+        gate.close(|| cleared = true);
+        assert!(cleared, "closing clears what is queued");
+        assert_eq!(gate.offer(1, || Ok::<(), ()>(())), Offered::Stale);
+        assert_eq!(gate.offer(0, || Ok::<(), ()>(())), Offered::Stale);
+    }
+
+    #[test]
+    fn an_ack_that_finds_the_client_queue_full_is_offered_again() {
+        let gate = AckGate::default();
+        gate.open(1);
+        assert_eq!(gate.offer(1, || Err(())), Offered::Busy);
     }
 
     #[test]
