@@ -1066,11 +1066,17 @@ impl Committer {
                         info!("store accepting input again");
                     }
                     let next = appended.first + records.len() as u64;
+                    // Only for a sink that will take them: while every sink is
+                    // behind (an outage), the records would only take memory.
+                    let caught_up = self.lag.any_at(appended.first);
                     // The store's task has returned, and its copy with it.
-                    if let Ok(records) = Arc::try_unwrap(records) {
-                        let committed =
-                            handoff::Committed::new(appended.first, records, &appended.sizes);
-                        self.handoff.put(committed);
+                    match Arc::try_unwrap(records) {
+                        Ok(records) if caught_up => {
+                            let committed =
+                                handoff::Committed::new(appended.first, records, &appended.sizes);
+                            self.handoff.put(committed);
+                        }
+                        _ => self.handoff.clear(),
                     }
                     self.head.send_replace(next);
                     crate::telemetry::backlog_gauges(self.store.as_ref(), &self.lag);
@@ -1229,6 +1235,10 @@ emit = { type = "com.example.hot" }
 "#;
 
     fn committer(store: &Arc<Recorder>) -> Committer {
+        committer_on(Arc::clone(store) as Arc<dyn Store>, &[])
+    }
+
+    fn committer_on(store: Arc<dyn Store>, sinks: &[String]) -> Committer {
         let files = [SourceFile {
             name: "hot.toml".into(),
             text: HOT.into(),
@@ -1241,7 +1251,8 @@ emit = { type = "com.example.hot" }
             },
             window_full: Default::default(),
             rules,
-            store: Arc::clone(store) as Arc<dyn Store>,
+            lag: Arc::new(crate::telemetry::SinkLag::new(store.as_ref(), sinks)),
+            store,
             head: watch::channel(0).0,
             handoff: Default::default(),
             log_limit: RateLimit::new(10, Duration::from_secs(60)),
@@ -1250,7 +1261,6 @@ emit = { type = "com.example.hot" }
                 mqtt: None,
                 serial: HashMap::new(),
             },
-            lag: Arc::new(crate::telemetry::SinkLag::new(&**store, &[])),
             progress_unsaved: false,
             last_state_save: Instant::now(),
             changed: HashSet::new(),
@@ -1263,6 +1273,44 @@ emit = { type = "com.example.hot" }
                 logged: HashSet::new(),
             },
         }
+    }
+
+    #[tokio::test]
+    async fn a_commit_is_handed_to_a_caught_up_sink_and_not_kept_while_every_sink_is_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let sinks = ["cloud".to_string()];
+        let cfg = crate::store::StoreConfig::default();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::open_as_is(dir.path(), &cfg, &sinks).unwrap());
+        let mut c = committer_on(Arc::clone(&store), &sinks);
+        let stop = CancellationToken::new();
+        let reading = |i: u64| Record {
+            source: "/ferry/gw/mqtt/local".into(),
+            event_type: READING_TYPE.into(),
+            subject: format!("d{i}"),
+            time: chrono::Utc::now(),
+            data: serde_json::json!({ "i": i }),
+            ext: BTreeMap::new(),
+            to: None,
+            origin: None,
+        };
+        let handed = |c: &Committer, from| {
+            c.handoff
+                .take(store.as_ref(), "cloud", from, 100, usize::MAX)
+                .map(|(records, next)| (records.len(), next))
+        };
+
+        assert!(
+            c.commit(vec![reading(0), reading(1)], StateWrite::default(), &stop)
+                .await
+        );
+        assert_eq!(handed(&c, 0), Some((2, 2)), "the sink is at 0: caught up");
+        // The sink took them but has not delivered them (an outage): it is behind.
+        assert!(
+            c.commit(vec![reading(2)], StateWrite::default(), &stop)
+                .await
+        );
+        assert_eq!(handed(&c, 2), None, "no sink is at 2: nothing kept for one");
     }
 
     fn origin() -> Arc<Origin> {

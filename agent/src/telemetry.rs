@@ -475,6 +475,14 @@ impl SinkLag {
         }
     }
 
+    /// Whether some sink has delivered everything before `seq` and no more: is
+    /// caught up with a commit that starts there.
+    pub fn any_at(&self, seq: u64) -> bool {
+        self.0
+            .iter()
+            .any(|(_, pos)| pos.load(Ordering::Relaxed) == seq)
+    }
+
     /// Publishes every sink's lag against `stats`.
     fn publish(&self, stats: &crate::store::Stats) {
         for (name, pos) in &self.0 {

@@ -193,6 +193,7 @@ async fn forward(
                 // Only records that could not be decoded (the store quarantined
                 // them), or that were removed to make room since their commit.
                 pos.at = next;
+                shared.lag.delivered(&name, pos.at, &store.stats());
                 continue;
             }
             // Committed but not yet readable here: yield rather than spin.

@@ -50,6 +50,11 @@ impl Handoff {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = committed;
     }
 
+    /// Leaves nothing: no sink is caught up with the last commit.
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// The last commit's records, if they start at `from`.
     fn starting_at(&self, from: u64) -> Option<Arc<Committed>> {
         let last = self.0.lock().unwrap_or_else(|p| p.into_inner());
