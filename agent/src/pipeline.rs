@@ -1068,7 +1068,9 @@ impl Committer {
                     let next = appended.first + records.len() as u64;
                     // Only for a sink that will take them: while every sink is
                     // behind (an outage), the records would only take memory.
-                    let caught_up = self.lag.any_at(appended.first);
+                    let caught_up = self.lag.any_at(appended.first)
+                        && records.len() <= handoff::MAX_RECORDS
+                        && appended.sizes.iter().sum::<usize>() <= handoff::MAX_BYTES;
                     // The store's task has returned, and its copy with it.
                     match Arc::try_unwrap(records) {
                         Ok(records) if caught_up => {

@@ -18,6 +18,13 @@ use std::sync::{Arc, Mutex};
 
 use crate::store::{Record, Store, Stored};
 
+/// The largest commit handed over, in records and in stored bytes. Everyday rates
+/// commit a broker's window at a time (tens of readings); a larger batch means a
+/// burst or a backlog, when the sink reads at its own pace anyway, and holding the
+/// batch in memory as well raised the peak at full speed.
+pub const MAX_RECORDS: usize = 256;
+pub const MAX_BYTES: usize = 256 * 1024;
+
 /// The records one commit stored, in order from sequence `first`.
 #[derive(Debug)]
 pub struct Committed {
