@@ -1286,16 +1286,7 @@ emit = { type = "com.example.hot" }
             Arc::new(crate::store::open_as_is(dir.path(), &cfg, &sinks).unwrap());
         let mut c = committer_on(Arc::clone(&store), &sinks);
         let stop = CancellationToken::new();
-        let reading = |i: u64| Record {
-            source: "/ferry/gw/mqtt/local".into(),
-            event_type: READING_TYPE.into(),
-            subject: format!("d{i}"),
-            time: chrono::Utc::now(),
-            data: serde_json::json!({ "i": i }),
-            ext: BTreeMap::new(),
-            to: None,
-            origin: None,
-        };
+        let reading = |i| Record::test_reading(i, 0);
         let handed = |c: &Committer, from| {
             c.handoff
                 .take(store.as_ref(), "cloud", from, 100, usize::MAX)

@@ -809,17 +809,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sinks = ["cloud".to_string()];
         let store = crate::store::open_as_is(dir.path(), &StoreConfig::default(), &sinks).unwrap();
-        let record = crate::store::Record {
-            source: "/ferry/gw/mqtt/local".into(),
-            event_type: "io.ferry.reading".into(),
-            subject: "freezer-1".into(),
-            time: chrono::Utc::now(),
-            data: serde_json::json!({ "temperature": -18.0 }),
-            ext: Default::default(),
-            to: None,
-            origin: None,
-        };
-        let records = vec![record; 10];
+        let records = vec![crate::store::Record::test_reading(0, 0); 10];
         store
             .append(&records, &crate::store::StateWrite::default())
             .unwrap();

@@ -131,20 +131,9 @@ mod tests {
     use super::*;
     use crate::config::Bytes;
     use crate::store::{ledger::Ledger, StateWrite, StoreConfig, WhenFull};
-    use chrono::Utc;
-    use serde_json::json;
 
     fn record(i: u64, pad: usize) -> Record {
-        Record {
-            source: "/ferry/t/mqtt/m".into(),
-            event_type: "io.ferry.reading".into(),
-            subject: format!("d{i}"),
-            time: Utc::now(),
-            data: json!({ "i": i, "pad": "x".repeat(pad) }),
-            ext: Default::default(),
-            to: None,
-            origin: None,
-        }
+        Record::test_reading(i, pad)
     }
 
     fn store(dir: &std::path::Path, max_bytes: u64) -> Ledger {

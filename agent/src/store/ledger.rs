@@ -718,20 +718,10 @@ mod tests {
     use crate::config::Bytes;
     use crate::store::BackendKind;
     use chrono::Utc;
-    use serde_json::json;
     use std::path::Path;
 
     fn record(i: u64, pad: usize) -> Record {
-        Record {
-            source: "/ferry/t/mqtt/m".into(),
-            event_type: "io.ferry.reading".into(),
-            subject: format!("d{i}"),
-            time: Utc::now(),
-            data: json!({ "i": i, "pad": "x".repeat(pad) }),
-            ext: Default::default(),
-            to: None,
-            origin: None,
-        }
+        Record::test_reading(i, pad)
     }
 
     fn cfg(kind: BackendKind, max: u64, when_full: WhenFull) -> StoreConfig {

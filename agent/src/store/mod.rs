@@ -283,6 +283,23 @@ pub struct Record {
     pub origin: Option<EventOrigin>,
 }
 
+#[cfg(test)]
+impl Record {
+    /// A reading for tests: subject `d{i}`, data `{"i": i, "pad": "x" × pad}`.
+    pub fn test_reading(i: u64, pad: usize) -> Record {
+        Record {
+            source: "/ferry/t/mqtt/m".into(),
+            event_type: "io.ferry.reading".into(),
+            subject: format!("d{i}"),
+            time: Utc::now(),
+            data: serde_json::json!({ "i": i, "pad": "x".repeat(pad) }),
+            ext: Default::default(),
+            to: None,
+            origin: None,
+        }
+    }
+}
+
 impl Record {
     /// The record for a rule's alert: the rule and severity become extensions.
     pub fn alert(alert: ferry_rules::Alert, source: String) -> Self {
