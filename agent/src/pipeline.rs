@@ -168,7 +168,7 @@ pub async fn run(
     let (actions_tx, actions_rx) = mpsc::channel::<Action>(ACTIONS);
     let mut actions_rx = Some(actions_rx);
     let (head_tx, head_rx) = watch::channel(store.stats().next);
-    let handoff = Arc::new(sinks::handoff::Handoff::default());
+    let handoff = Arc::new(handoff::Handoff::default());
     admin_api.attach(Arc::clone(&store), head_tx.clone());
     let stop_sources = CancellationToken::new();
     let sources = TaskTracker::new();
@@ -562,7 +562,7 @@ struct Committer {
     store: Arc<dyn Store>,
     head: watch::Sender<u64>,
     /// The last commit's records, for sinks that are caught up.
-    handoff: Arc<sinks::handoff::Handoff>,
+    handoff: Arc<handoff::Handoff>,
     log_limit: RateLimit,
     origins: HashMap<String, String>,
     /// Where rule actions go.
@@ -1068,12 +1068,12 @@ impl Committer {
                     let next = appended.first + records.len() as u64;
                     // Only for a sink that will take them: while every sink is
                     // behind (an outage), the records would only take memory.
-                    let caught_up = self.lag.any_at(appended.first)
+                    let hand_over = self.lag.any_at(appended.first)
                         && records.len() <= handoff::MAX_RECORDS
                         && appended.sizes.iter().sum::<usize>() <= handoff::MAX_BYTES;
                     // The store's task has returned, and its copy with it.
                     match Arc::try_unwrap(records) {
-                        Ok(records) if caught_up => {
+                        Ok(records) if hand_over => {
                             let committed =
                                 handoff::Committed::new(appended.first, records, &appended.sizes);
                             self.handoff.put(committed);

@@ -1,8 +1,10 @@
 //! The forwarding loop: one task per sink moves records from the store upstream.
 //!
-//! Each sink reads from its own cursor, sends CloudEvents, and advances the cursor
-//! only past what the upstream accepted (2xx, PUBACK, ...) or permanently refused
-//! (counted as dropped with reason `rejected`), and past events it will never send
+//! Each sink reads from its own cursor (or, caught up, takes the records of the
+//! commit that woke it from memory: [`super::handoff`]), sends CloudEvents, and
+//! advances the cursor only past what the upstream accepted (2xx, PUBACK, ...) or
+//! permanently refused (counted as dropped with reason `rejected`), and past events
+//! it will never send
 //! (over the sink's `max_message`: `too_large`; not a valid CloudEvent: `invalid`).
 //! A refused or too large event is kept as a dead letter first, durably, so an
 //! operator can replay it (`ferry dead-letters`). Anything else — refused connections, timeouts,
@@ -103,6 +105,8 @@ async fn run_sink(
     })
     .await?;
     let mut pos = Position::new(cursor, Instant::now());
+    // After a restart the sink starts over from its saved cursor.
+    shared.lag.delivered(&name, cursor, &shared.store.stats());
     let result = forward(sink, shared, &mut head, cancel, &mut pos).await;
     // Stopping, or a store error: write down how far the sink got, if it can.
     if pos.save_due().is_some() {
@@ -176,7 +180,9 @@ async fn forward(
         }
         let cursor = pos.at;
         // Caught up: the commit that woke the sink has its records in memory.
-        let handed = (shared.handoff).take(store.as_ref(), &name, cursor, window, window_bytes);
+        let handed = shared
+            .handoff
+            .take(store.as_ref(), &name, cursor, window, window_bytes);
         let (batch, next) = match handed {
             Some(taken) => taken,
             None => {
