@@ -1068,15 +1068,10 @@ impl Committer {
                     let next = appended.first + records.len() as u64;
                     // Only for a sink that will take them: while every sink is
                     // behind (an outage), the records would only take memory.
-                    let hand_over = self.lag.any_at(appended.first)
-                        && records.len() <= handoff::MAX_RECORDS
-                        && appended.sizes.iter().sum::<usize>() <= handoff::MAX_BYTES;
                     // The store's task has returned, and its copy with it.
                     match Arc::try_unwrap(records) {
-                        Ok(records) if hand_over => {
-                            let committed =
-                                handoff::Committed::new(appended.first, records, &appended.sizes);
-                            self.handoff.put(committed);
+                        Ok(records) if self.lag.any_at(appended.first) => {
+                            self.handoff.offer(appended.first, records, &appended.sizes);
                         }
                         _ => self.handoff.clear(),
                     }

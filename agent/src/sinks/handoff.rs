@@ -22,8 +22,8 @@ use crate::store::{Record, Store, Stored};
 /// commit a broker's window at a time (tens of readings); a larger batch means a
 /// burst or a backlog, when the sink reads at its own pace anyway, and holding the
 /// batch in memory as well raised the peak at full speed.
-pub const MAX_RECORDS: usize = 256;
-pub const MAX_BYTES: usize = 256 * 1024;
+const MAX_RECORDS: usize = 256;
+const MAX_BYTES: usize = 256 * 1024;
 
 /// The records one commit stored, in order from sequence `first`.
 #[derive(Debug)]
@@ -32,34 +32,37 @@ pub struct Committed {
     records: Vec<Stored>,
 }
 
-impl Committed {
-    /// `sizes` are the records' stored sizes, in order (`Appended::sizes`).
-    pub fn new(first: u64, records: Vec<Record>, sizes: &[usize]) -> Committed {
+/// The last commit's records, for the sinks.
+#[derive(Debug, Default)]
+pub struct Handoff(Mutex<Option<Arc<Committed>>>);
+
+impl Handoff {
+    /// Leaves the records of a commit from sequence `first` for the sinks, in
+    /// place of the commit before; `sizes` are their stored sizes, in order
+    /// (`Appended::sizes`). An empty commit, or one over [`MAX_RECORDS`] or
+    /// [`MAX_BYTES`], leaves nothing.
+    pub fn offer(&self, first: u64, records: Vec<Record>, sizes: &[usize]) {
+        let bytes: usize = sizes.iter().sum();
+        if records.is_empty() || records.len() > MAX_RECORDS || bytes > MAX_BYTES {
+            return self.clear();
+        }
         let records = records
             .into_iter()
             .zip(sizes)
             .zip(first..)
             .map(|((record, &bytes), seq)| Stored { seq, record, bytes })
             .collect();
-        Committed { first, records }
-    }
-}
-
-/// The last commit's records, for the sinks.
-#[derive(Debug, Default)]
-pub struct Handoff(Mutex<Option<Arc<Committed>>>);
-
-impl Handoff {
-    /// Leaves `committed` for the sinks, in place of the commit before.
-    pub fn put(&self, committed: Committed) {
-        let committed = (!committed.records.is_empty()).then(|| Arc::new(committed));
-        // Held only to swap or clone an `Arc`: a poisoned lock still holds a whole one.
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = committed;
+        self.set(Some(Arc::new(Committed { first, records })));
     }
 
     /// Leaves nothing: no sink is caught up with the last commit.
     pub fn clear(&self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.set(None);
+    }
+
+    fn set(&self, last: Option<Arc<Committed>>) {
+        // Held only to swap or clone an `Arc`: a poisoned lock still holds a whole one.
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = last;
     }
 
     /// The last commit's records, if they start at `from`.
@@ -148,7 +151,7 @@ mod tests {
     /// Appends `records` and hands them over, as the commit task does.
     fn commit(store: &Ledger, handoff: &Handoff, records: Vec<Record>) -> u64 {
         let appended = store.append(&records, &StateWrite::default()).unwrap();
-        handoff.put(Committed::new(appended.first, records, &appended.sizes));
+        handoff.offer(appended.first, records, &appended.sizes);
         appended.first
     }
 
@@ -207,16 +210,20 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_over_the_bound_is_not_kept_for_the_sinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, handoff) = (store(dir.path(), 1 << 30), Handoff::default());
+        let first = commit(&store, &handoff, (0..257).map(|i| record(i, 0)).collect());
+        assert!(handoff.take(&store, "a", first, 1000, usize::MAX).is_none());
+    }
+
+    #[test]
     fn records_removed_to_make_room_since_their_commit_are_not_handed() {
         let dir = tempfile::tempdir().unwrap();
         let (store, handoff) = (store(dir.path(), 10_000), Handoff::default());
         let first = commit(&store, &handoff, (0..3).map(|i| record(i, 1000)).collect());
         let kept = Handoff::default();
-        kept.put(Committed::new(
-            first,
-            (0..3).map(|i| record(i, 1000)).collect(),
-            &[1000; 3],
-        ));
+        kept.offer(first, (0..3).map(|i| record(i, 1000)).collect(), &[1000; 3]);
         let mut dropped = 0;
         for i in 3..20 {
             dropped += store
