@@ -5,7 +5,7 @@
 //! ```sh
 //! cargo bench -p ferry-agent --bench rates -- [--rate 100|2000|full ...]
 //!     [--seconds S] [--readings N] [--devices N] [--linger DURATION]
-//!     [--broker-inflight N]
+//!     [--broker-inflight N] [--durable-subscriber]
 //! ```
 //!
 //! For each rate (default: 100/s, 2,000/s and full speed) it starts a fresh
@@ -27,6 +27,14 @@
 //! `--broker-inflight N` sets mosquitto's `max_inflight_messages` (default 20, its
 //! own default); the source's `broker_inflight` always matches it, as its
 //! documentation asks.
+//!
+//! `--durable-subscriber` adds a third process on the same broker: the least any
+//! subscriber must do to keep ferry's promise (a reading is acknowledged only once
+//! it is on stable storage). It holds each reading's PUBACK, and when the broker's
+//! window of readings waits or the linger (ferry's `commit_linger`) has passed
+//! since the first, appends their payloads to a file, `fdatasync`s it and
+//! acknowledges them; no decoding, rules, store or upstream. Its latency is publish
+//! to durable. What ferry costs beyond it is what ferry's own work costs.
 //! Results go in docs/BENCHMARKS.md with the command.
 
 #[path = "../../tests/support/mod.rs"]
@@ -42,11 +50,12 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::status_kib;
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Client, Event, MqttOptions, Packet, Publish, QoS};
 use support::{Agent, Mosquitto, Receiver, TestConfig, READING};
 
 /// Set in the environment of the bench's own executable started as the bare
-/// subscriber: `port readings`.
+/// subscriber: `port readings`, or `port readings window linger_us` for the
+/// durable one.
 const BARE: &str = "FERRY_BENCH_BARE_SUBSCRIBER";
 const TOPICS: &str = "sensors/+/telemetry";
 
@@ -81,6 +90,7 @@ struct Args {
     devices: u32,
     linger: Option<String>,
     inflight: Option<u32>,
+    durable: bool,
 }
 
 fn args() -> Args {
@@ -91,6 +101,7 @@ fn args() -> Args {
         devices: 20,
         linger: None,
         inflight: None,
+        durable: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -108,6 +119,7 @@ fn args() -> Args {
             "--devices" => a.devices = value().parse().unwrap_or(a.devices).max(1),
             "--linger" => a.linger = Some(value()),
             "--broker-inflight" => a.inflight = value().parse().ok(),
+            "--durable-subscriber" => a.durable = true,
             // `cargo bench` passes `--bench`; ignore what we do not know.
             _ => {}
         }
@@ -155,6 +167,24 @@ fn main() {
             r.lost,
         );
     }
+    if args.durable {
+        println!();
+        println!("| rate | ferry CPU/reading | durable subscriber CPU/reading | ferry / durable | durable p50 / p99 |");
+        println!("|---|---|---|---|---|");
+        for r in &rows {
+            if let Some(d) = &r.durable {
+                println!(
+                    "| {} | {:.1} µs | {:.1} µs | {:.1}× | {:.1} / {:.1} ms |",
+                    r.rate,
+                    r.ferry.cpu_us_per_reading,
+                    d.cpu_us_per_reading,
+                    r.ferry.cpu_us_per_reading / d.cpu_us_per_reading,
+                    d.p50_ms,
+                    d.p99_ms
+                );
+            }
+        }
+    }
 }
 
 /// What one process did with the readings of one run.
@@ -190,6 +220,8 @@ struct Row {
     /// ferry's resident memory split, sampled every 50 ms.
     ferry_split: Split,
     bare: Side,
+    /// The durable subscriber, with `--durable-subscriber`.
+    durable: Option<Side>,
     lost: u64,
     duplicates: u64,
 }
@@ -201,7 +233,11 @@ impl Row {
             "rate {}: {} readings published at {:.0}/s",
             self.rate, self.readings, self.published_per_second
         );
-        for (who, s) in [("ferry", &self.ferry), ("bare subscriber", &self.bare)] {
+        let durable = self.durable.iter().map(|d| ("durable", d));
+        for (who, s) in [("ferry", &self.ferry), ("bare subscriber", &self.bare)]
+            .into_iter()
+            .chain(durable)
+        {
             println!(
                 "  {who:<16} CPU {:>6.1} µs/reading  latency p50 {:>6.1} ms  p99 {:>6.1} ms  {:>7.0} readings/s  peak RSS {:>5.1} MiB",
                 s.cpu_us_per_reading, s.p50_ms, s.p99_ms, s.per_second, s.peak_rss_mib
@@ -246,13 +282,24 @@ fn run(rate: Rate, readings: u64, args: &Args) -> Row {
     let agent = Agent::start(&config, &[("bench.toml", RULES)]);
     broker.wait_for_subscription(&cfg.client_id(), TOPICS);
     let ferry_pid = agent.pid().expect("agent running");
-    let bare = Bare::start(broker.port(), readings);
+    let bare = Bare::start(broker.port(), &format!("{readings}"));
+    let linger_us = args
+        .linger
+        .as_deref()
+        .map(|l| humantime::parse_duration(l).expect("--linger is a duration"))
+        .unwrap_or(Duration::from_millis(10))
+        .as_micros();
+    let durable = args
+        .durable
+        .then(|| Bare::start(broker.port(), &format!("{readings} {inflight} {linger_us}")));
     // Let both settle after start (store open, connections) before measuring.
     std::thread::sleep(Duration::from_secs(1));
 
     let ferry_cpu = CpuClock::of(ferry_pid);
     let bare_cpu = CpuClock::of(bare.child.id());
+    let durable_cpu = durable.as_ref().map(|d| CpuClock::of(d.child.id()));
     let (ferry_cpu0, bare_cpu0) = (ferry_cpu.now(), bare_cpu.now());
+    let durable_cpu0 = durable_cpu.as_ref().map(CpuClock::now);
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
         let sampling = Arc::clone(&sampling);
@@ -291,16 +338,22 @@ fn run(rate: Rate, readings: u64, args: &Args) -> Row {
         std::thread::sleep(Duration::from_millis(50));
     }
     let bare_report = bare.report(deadline);
+    let durable_report = durable.as_ref().map(|d| d.report(deadline));
     // A moment for the last acknowledgements and cursor moves, on both sides.
     std::thread::sleep(Duration::from_millis(300));
     let ferry_cpu_used = ferry_cpu.now().saturating_sub(ferry_cpu0);
     let bare_cpu_used = bare_cpu.now().saturating_sub(bare_cpu0);
+    let durable_cpu_used = durable_cpu
+        .zip(durable_cpu0)
+        .map(|(c, c0)| c.now().saturating_sub(c0));
     let peak = |pid: u32| status_kib(&pid.to_string(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
     let ferry_rss = peak(ferry_pid);
     sampling.store(false, Ordering::Relaxed);
     let split = sampler.join().expect("memory sampler");
     let bare_rss = peak(bare.child.id());
+    let durable_rss = durable.as_ref().map(|d| peak(d.child.id()));
     drop(bare);
+    drop(durable);
     drop(agent);
 
     let per_reading = |cpu: Duration| cpu.as_secs_f64() * 1e6 / readings as f64;
@@ -328,6 +381,15 @@ fn run(rate: Rate, readings: u64, args: &Args) -> Row {
             per_second: rate_until(UNIX_EPOCH + Duration::from_micros(bare_report.last_us)),
             peak_rss_mib: bare_rss,
         },
+        durable: durable_report.zip(durable_cpu_used).zip(durable_rss).map(
+            |((report, cpu), rss)| Side {
+                cpu_us_per_reading: per_reading(cpu),
+                p50_ms: report.p50_ms,
+                p99_ms: report.p99_ms,
+                per_second: rate_until(UNIX_EPOCH + Duration::from_micros(report.last_us)),
+                peak_rss_mib: rss,
+            },
+        ),
         lost: readings.saturating_sub(seen.len() as u64),
         duplicates: total.saturating_sub(seen.len() as u64),
     }
@@ -447,9 +509,10 @@ struct BareReport {
 }
 
 impl Bare {
-    fn start(port: u16, readings: u64) -> Bare {
+    /// `spec` is `readings`, or `readings window linger_us` for the durable one.
+    fn start(port: u16, spec: &str) -> Bare {
         let mut child = Command::new(std::env::current_exe().expect("own executable"))
-            .env(BARE, format!("{port} {readings}"))
+            .env(BARE, format!("{port} {spec}"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -504,12 +567,15 @@ fn bare_subscriber(spec: &str) -> ! {
         .split_whitespace()
         .filter_map(|v| v.parse::<u64>().ok());
     let (Some(port), Some(readings)) = (it.next(), it.next()) else {
-        panic!("{BARE} is `port readings`, not {spec:?}");
+        panic!("{BARE} is `port readings [window linger_us]`, not {spec:?}");
     };
     std::thread::spawn(|| {
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
         std::process::exit(0);
     });
+    if let (Some(window), Some(linger_us)) = (it.next(), it.next()) {
+        durable_subscriber(port, readings, window, Duration::from_micros(linger_us));
+    }
     let id = format!("bench-bare-{}", std::process::id());
     let mut opts = MqttOptions::new(id, "127.0.0.1", port as u16);
     opts.set_keep_alive(Duration::from_secs(30));
@@ -556,4 +622,87 @@ fn sent_us(payload: &[u8]) -> u64 {
         .iter()
         .take_while(|b| b.is_ascii_digit())
         .fold(0, |n, b| n * 10 + u64::from(b - b'0'))
+}
+
+/// The durable subscriber's whole life (`--durable-subscriber`): as the bare one,
+/// but a reading is acknowledged only once it is on stable storage, in group
+/// commits as ferry makes them (the broker's window, or the linger).
+fn durable_subscriber(port: u64, readings: u64, window: u64, linger: Duration) -> ! {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut log = std::fs::File::create(dir.path().join("readings")).expect("log file");
+        let id = format!("bench-durable-{}", std::process::id());
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port as u16);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_manual_acks(true);
+        let window = window.max(1) as usize;
+        // Room for every acknowledgement of a run: `try_ack` must never find it
+        // full, as awaiting room would wait on the event loop this task polls.
+        let (client, mut eventloop) = AsyncClient::new(opts, readings as usize + window);
+        client
+            .subscribe(TOPICS, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe request");
+        let mut latency = Vec::with_capacity(readings as usize);
+        let mut out = std::io::stdout();
+        let mut pending: Vec<Publish> = Vec::with_capacity(window);
+        let mut due: Option<tokio::time::Instant> = None;
+        let mut buf = Vec::new();
+        loop {
+            let timer = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let lingered = tokio::select! {
+                event = eventloop.poll() => match event {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = writeln!(out, "ready");
+                        false
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if pending.is_empty() {
+                            due = Some(tokio::time::Instant::now() + linger);
+                        }
+                        pending.push(p);
+                        false
+                    }
+                    Ok(_) => false,
+                    Err(e) => panic!("durable subscriber connection: {e}"),
+                },
+                () = timer => true,
+            };
+            if pending.is_empty() || (!lingered && pending.len() < window) {
+                continue;
+            }
+            buf.clear();
+            for p in &pending {
+                buf.extend_from_slice(&p.payload);
+                buf.push(b'\n');
+            }
+            log.write_all(&buf).expect("write readings");
+            log.sync_data().expect("fdatasync readings");
+            let now = SystemTime::now();
+            for p in pending.drain(..) {
+                latency.push(since(sent_us(&p.payload), now));
+                client.try_ack(&p).expect("ack queued");
+            }
+            due = None;
+            if latency.len() as u64 == readings {
+                let (p50, p99) = percentiles(&mut latency);
+                let _ = writeln!(
+                    out,
+                    "done {:.0} {:.0} {}",
+                    p50 * 1000.0,
+                    p99 * 1000.0,
+                    micros(now)
+                );
+            }
+        }
+    })
 }
