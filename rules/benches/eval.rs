@@ -1,4 +1,5 @@
-//! Evaluation cost per reading, with 10 and with 100 rules of mixed kinds.
+//! Evaluation cost per reading: one threshold rule (the common case), and 10 and
+//! 100 rules of mixed kinds.
 //!
 //! `cargo bench -p ferry-rules --bench eval` (release profile). Prints ns per
 //! reading for `RuleSet::evaluate`, and the cost of `RuleSet::tick` when nothing is
@@ -134,7 +135,7 @@ fn main() {
         "ferry-rules evaluation, {} readings from {DEVICES} devices",
         readings.len()
     );
-    for n in [10, 100] {
+    for n in [1, 10, 100] {
         bench(n, &readings);
     }
 }

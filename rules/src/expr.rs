@@ -25,6 +25,7 @@ use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::common::types::{CelBool, CelDouble, CelList, CelMap, CelMapKey, CelNull, CelString};
 use cel::common::value::Val;
 use cel::{Context, Env, ExecutionError, Program, Value};
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -73,6 +74,72 @@ pub(crate) struct Condition {
     cost: Box<Cost>,
     /// The key the expression was written under, for messages.
     key: &'static str,
+    /// Set when the expression is a [`Threshold`].
+    threshold: Option<Threshold>,
+}
+
+/// A field compared with a number by `<`, `<=`, `>` or `>=` (`temperature > 80`,
+/// `5 <= level`): the most common condition by far. [`Condition::threshold`]
+/// answers it from the field alone, with cel's own comparison, instead of making
+/// every field of the reading a CEL variable first, which was most of what a
+/// threshold rule cost per reading. A reading it cannot answer the same way (the
+/// field missing, or not a number) goes the whole way, for the interpreter's own
+/// answer or error.
+#[derive(Debug)]
+struct Threshold {
+    field: String,
+    /// The number as written; the interpreter makes its value the same way.
+    literal: LiteralValue,
+    /// `field <op> literal` if true, `literal <op> field` if false.
+    field_first: bool,
+    /// Whether the left side ordering so against the right makes it true.
+    holds: fn(Ordering) -> bool,
+}
+
+impl Threshold {
+    fn of(root: &IdedExpr, cost: &Cost) -> Option<Threshold> {
+        // Only where the interpreter's step limit can never refuse it, whatever the
+        // reading's size: then the comparison is all there is to it.
+        if cost.steps(u64::MAX) > MAX_EVAL_STEPS {
+            return None;
+        }
+        let Expr::Call(call) = &root.expr else {
+            return None;
+        };
+        let holds: fn(Ordering) -> bool = match call.func_name.as_str() {
+            "_<_" => |o| o == Ordering::Less,
+            "_<=_" => |o| o != Ordering::Greater,
+            "_>_" => |o| o == Ordering::Greater,
+            "_>=_" => |o| o != Ordering::Less,
+            _ => return None,
+        };
+        if call.target.is_some() {
+            return None;
+        }
+        let number = |e: &IdedExpr| match &e.expr {
+            Expr::Literal(
+                l @ (LiteralValue::Int(_) | LiteralValue::UInt(_) | LiteralValue::Double(_)),
+            ) => Some(l.clone()),
+            _ => None,
+        };
+        let ident = |e: &IdedExpr| match &e.expr {
+            Expr::Ident(name) => Some(name.clone()),
+            _ => None,
+        };
+        let [left, right] = call.args.as_slice() else {
+            return None;
+        };
+        let (field, literal, field_first) = match (ident(left), number(right)) {
+            (Some(field), Some(literal)) => (field, literal, true),
+            _ => (ident(right)?, number(left)?, false),
+        };
+        Some(Threshold {
+            field,
+            literal,
+            field_first,
+            holds,
+        })
+    }
 }
 
 /// Why an expression did not compile, and where in the expression.
@@ -136,11 +203,36 @@ impl Condition {
             return Err(ExprError::whole(message));
         }
         let cost = Box::new(Cost::of(program.expression()));
-        Ok(Condition { program, cost, key })
+        let threshold = Threshold::of(program.expression(), &cost);
+        Ok(Condition {
+            program,
+            cost,
+            key,
+            threshold,
+        })
     }
 
     pub(crate) fn cost(&self) -> &Cost {
         &self.cost
+    }
+
+    /// The answer for a [`Threshold`] whose field is a number in `fields`; `None`
+    /// otherwise, and [`evaluate`](Self::evaluate) answers. A field is the value of
+    /// its own name (fields win over `device` and `source`) and every JSON number a
+    /// `double`, as [`Bindings`] make them.
+    pub(crate) fn threshold(
+        &self,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<bool> {
+        let t = self.threshold.as_ref()?;
+        let field = CelDouble::from(fields.get(&t.field)?.as_number()?.as_f64()?);
+        let literal = t.literal.to_val();
+        let ordering = if t.field_first {
+            field.as_comparer()?.compare(literal.as_ref())
+        } else {
+            literal.as_comparer()?.compare(&field)
+        };
+        Some((t.holds)(ordering.ok()?))
     }
 
     /// Evaluates the condition. `Err` carries a message for an
@@ -726,6 +818,122 @@ mod tests {
 
     fn eval(expr: &str, fields: serde_json::Value) -> Result<bool, String> {
         eval_with(expr, fields, "dev-1")
+    }
+
+    fn fields_of(value: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        match value {
+            serde_json::Value::Object(fields) => fields,
+            other => panic!("fields must be an object, not {other}"),
+        }
+    }
+
+    #[test]
+    fn a_threshold_is_answered_from_its_field_exactly_as_the_interpreter_answers() {
+        let env = new_env();
+        let values = [
+            json!(0),
+            json!(-0.0),
+            json!(30),
+            json!(30.0),
+            json!(30.5),
+            json!(29.999999999999996),
+            json!(-1),
+            json!(1e308),
+            json!(-1e308),
+            json!(5e-324),
+            json!(9007199254740993u64),
+            json!(18446744073709551615u64),
+            json!(-9223372036854775807i64),
+        ];
+        let literals = [
+            "30",
+            "30.0",
+            "30.5",
+            "-1",
+            "0",
+            "-0.0",
+            "30u",
+            "0u",
+            "9007199254740993",
+            "18446744073709551615u",
+            "-9223372036854775807",
+            "1e308",
+        ];
+        let mut answered = 0;
+        let mut asked = 0;
+        for literal in literals {
+            for op in ["<", "<=", ">", ">="] {
+                for expr in [
+                    format!("temperature {op} {literal}"),
+                    format!("{literal} {op} temperature"),
+                ] {
+                    let condition = Condition::compile(&env, W, &expr).expect("compiles");
+                    for value in &values {
+                        let fields = fields_of(json!({ "temperature": value }));
+                        let reading = crate::Reading {
+                            source: "local",
+                            device: "dev-1",
+                            time: Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
+                            fields: &fields,
+                        };
+                        let interpreted = condition.evaluate(&Bindings::new(&env, &reading));
+                        asked += 1;
+                        match condition.threshold(&fields) {
+                            Some(answer) => {
+                                answered += 1;
+                                assert_eq!(interpreted, Ok(answer), "`{expr}` with {value}");
+                            }
+                            None => assert!(
+                                interpreted.is_err(),
+                                "`{expr}` with {value} left to the interpreter: {interpreted:?}"
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+        // Numbers always order against numbers: every one was answered directly.
+        assert_eq!(answered, asked);
+    }
+
+    #[test]
+    fn a_threshold_on_a_missing_or_non_number_field_is_left_to_the_interpreter() {
+        let env = new_env();
+        let condition = Condition::compile(&env, W, "temperature > 30").expect("compiles");
+        for fields in [
+            json!({}),
+            json!({ "humidity": 31 }),
+            json!({ "temperature": "31" }),
+            json!({ "temperature": null }),
+            json!({ "temperature": true }),
+            json!({ "temperature": [31] }),
+            json!({ "temperature": { "value": 31 } }),
+        ] {
+            assert_eq!(
+                condition.threshold(&fields_of(fields.clone())),
+                None,
+                "{fields}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_field_compared_with_a_number_by_an_ordering_is_a_threshold() {
+        let env = new_env();
+        let fields = fields_of(json!({ "temperature": 31, "humidity": 20, "a": { "b": 1 } }));
+        for expr in [
+            "temperature > humidity",
+            "temperature + 1.0 > 2.0",
+            "temperature > 30 && humidity < 50",
+            "temperature == 31",
+            "temperature != 30",
+            "a.b > 0",
+            "double(temperature) > 30",
+            "30 < 40",
+        ] {
+            let condition = Condition::compile(&env, W, expr).expect("compiles");
+            assert_eq!(condition.threshold(&fields), None, "`{expr}`");
+        }
     }
 
     #[test]

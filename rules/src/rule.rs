@@ -336,6 +336,9 @@ impl<'a, 'r> Ctx<'a, 'r> {
     }
 
     pub(crate) fn eval(&mut self, condition: &Condition) -> Result<bool, String> {
+        if let Some(answer) = condition.threshold(self.reading.fields) {
+            return Ok(answer);
+        }
         let (env, reading) = (self.env, self.reading);
         let bindings = self
             .bindings
