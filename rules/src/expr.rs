@@ -69,11 +69,17 @@ pub(crate) fn new_env() -> Arc<Env> {
 #[derive(Debug)]
 pub(crate) struct Condition {
     program: Program,
-    /// The most work one evaluation can take, by the size of the reading. Boxed: a
-    /// rule's kind holds up to two conditions, and is kept small.
-    cost: Box<Cost>,
+    /// Boxed: a rule's kind holds up to two conditions, and is kept small.
+    shape: Box<Shape>,
     /// The key the expression was written under, for messages.
     key: &'static str,
+}
+
+/// What compiling a condition found out about its expression.
+#[derive(Debug)]
+struct Shape {
+    /// The most work one evaluation can take, by the size of the reading.
+    cost: Cost,
     /// Set when the expression is a [`Threshold`].
     threshold: Option<Threshold>,
 }
@@ -202,18 +208,17 @@ impl Condition {
         if let Some(message) = never_true(program.expression(), key) {
             return Err(ExprError::whole(message));
         }
-        let cost = Box::new(Cost::of(program.expression()));
+        let cost = Cost::of(program.expression());
         let threshold = Threshold::of(program.expression(), &cost);
         Ok(Condition {
             program,
-            cost,
+            shape: Box::new(Shape { cost, threshold }),
             key,
-            threshold,
         })
     }
 
     pub(crate) fn cost(&self) -> &Cost {
-        &self.cost
+        &self.shape.cost
     }
 
     /// The answer for a [`Threshold`] whose field is a number in `fields`; `None`
@@ -224,7 +229,7 @@ impl Condition {
         &self,
         fields: &serde_json::Map<String, serde_json::Value>,
     ) -> Option<bool> {
-        let t = self.threshold.as_ref()?;
+        let t = self.shape.threshold.as_ref()?;
         let field = CelDouble::from(fields.get(&t.field)?.as_number()?.as_f64()?);
         let literal = t.literal.to_val();
         let ordering = if t.field_first {
@@ -238,7 +243,7 @@ impl Condition {
     /// Evaluates the condition. `Err` carries a message for an
     /// [`EvalError`](crate::EvalError).
     pub(crate) fn evaluate(&self, bindings: &Bindings<'_>) -> Result<bool, String> {
-        let steps = self.cost.steps(bindings.size);
+        let steps = self.shape.cost.steps(bindings.size);
         if steps > MAX_EVAL_STEPS {
             let steps = if steps == u64::MAX {
                 "more".to_owned()
