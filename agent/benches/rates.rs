@@ -594,14 +594,7 @@ fn bare_subscriber(spec: &str) -> ! {
                 let now = SystemTime::now();
                 latency.push(since(sent_us(&p.payload), now));
                 if latency.len() as u64 == readings {
-                    let (p50, p99) = percentiles(&mut latency);
-                    let _ = writeln!(
-                        out,
-                        "done {:.0} {:.0} {}",
-                        p50 * 1000.0,
-                        p99 * 1000.0,
-                        micros(now)
-                    );
+                    report_done(&mut out, &mut latency, now);
                 }
             }
             Ok(_) => {}
@@ -609,6 +602,18 @@ fn bare_subscriber(spec: &str) -> ! {
         }
     }
     std::process::exit(1)
+}
+
+/// A subscriber's last line: `done <p50_us> <p99_us> <last_us>` (see [`Bare`]).
+fn report_done(out: &mut impl Write, latency: &mut [u64], last: SystemTime) {
+    let (p50, p99) = percentiles(latency);
+    let _ = writeln!(
+        out,
+        "done {:.0} {:.0} {}",
+        p50 * 1000.0,
+        p99 * 1000.0,
+        micros(last)
+    );
 }
 
 /// The `sent_us` number of a payload, found without parsing the JSON: a bare
@@ -694,14 +699,7 @@ fn durable_subscriber(port: u64, readings: u64, window: u64, linger: Duration) -
             }
             due = None;
             if latency.len() as u64 == readings {
-                let (p50, p99) = percentiles(&mut latency);
-                let _ = writeln!(
-                    out,
-                    "done {:.0} {:.0} {}",
-                    p50 * 1000.0,
-                    p99 * 1000.0,
-                    micros(now)
-                );
+                report_done(&mut out, &mut latency, now);
             }
         }
     })
