@@ -902,6 +902,44 @@ mod tests {
     }
 
     #[test]
+    fn a_threshold_on_a_field_named_like_a_cel_type_or_function_reads_the_field() {
+        let env = new_env();
+        let names = [
+            "int",
+            "uint",
+            "double",
+            "bool",
+            "string",
+            "bytes",
+            "list",
+            "map",
+            "type",
+            "null_type",
+            "dyn",
+            "has",
+            "size",
+            "device",
+            "source",
+        ];
+        for name in names {
+            let expr = format!("{name} > 5");
+            let condition = Condition::compile(&env, W, &expr).expect("compiles");
+            for value in [4, 6] {
+                let fields = fields_of(json!({ name: value }));
+                let reading = crate::Reading {
+                    source: "local",
+                    device: "dev-1",
+                    time: Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
+                    fields: &fields,
+                };
+                let interpreted = condition.evaluate(&Bindings::new(&env, &reading));
+                assert_eq!(interpreted, Ok(value > 5), "`{expr}` with {value}");
+                assert_eq!(condition.threshold(&fields), Some(value > 5), "`{expr}`");
+            }
+        }
+    }
+
+    #[test]
     fn a_threshold_on_a_missing_or_non_number_field_is_left_to_the_interpreter() {
         let env = new_env();
         let condition = Condition::compile(&env, W, "temperature > 30").expect("compiles");
