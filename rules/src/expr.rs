@@ -825,6 +825,22 @@ mod tests {
         eval_with(expr, fields, "dev-1")
     }
 
+    /// `condition` on `fields` through the interpreter, never the threshold's
+    /// direct answer.
+    fn interpret(
+        env: &Arc<Env>,
+        condition: &Condition,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<bool, String> {
+        let reading = crate::Reading {
+            source: "local",
+            device: "dev-1",
+            time: Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
+            fields,
+        };
+        condition.evaluate(&Bindings::new(env, &reading))
+    }
+
     fn fields_of(value: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
         match value {
             serde_json::Value::Object(fields) => fields,
@@ -875,13 +891,7 @@ mod tests {
                     let condition = Condition::compile(&env, W, &expr).expect("compiles");
                     for value in &values {
                         let fields = fields_of(json!({ "temperature": value }));
-                        let reading = crate::Reading {
-                            source: "local",
-                            device: "dev-1",
-                            time: Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
-                            fields: &fields,
-                        };
-                        let interpreted = condition.evaluate(&Bindings::new(&env, &reading));
+                        let interpreted = interpret(&env, &condition, &fields);
                         asked += 1;
                         match condition.threshold(&fields) {
                             Some(answer) => {
@@ -926,13 +936,7 @@ mod tests {
             let condition = Condition::compile(&env, W, &expr).expect("compiles");
             for value in [4, 6] {
                 let fields = fields_of(json!({ name: value }));
-                let reading = crate::Reading {
-                    source: "local",
-                    device: "dev-1",
-                    time: Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
-                    fields: &fields,
-                };
-                let interpreted = condition.evaluate(&Bindings::new(&env, &reading));
+                let interpreted = interpret(&env, &condition, &fields);
                 assert_eq!(interpreted, Ok(value > 5), "`{expr}` with {value}");
                 assert_eq!(condition.threshold(&fields), Some(value > 5), "`{expr}`");
             }
