@@ -231,13 +231,19 @@ impl Condition {
     ) -> Option<bool> {
         let t = self.shape.threshold.as_ref()?;
         let field = CelDouble::from(fields.get(&t.field)?.as_number()?.as_f64()?);
-        let literal = t.literal.to_val();
-        let ordering = if t.field_first {
-            field.as_comparer()?.compare(literal.as_ref())
-        } else {
-            literal.as_comparer()?.compare(&field)
-        };
-        Some((t.holds)(ordering.ok()?))
+        // As `evaluate` guards the interpreter: a panic in cel is no answer here,
+        // and `evaluate` then reports it as an error.
+        catch_unwind(AssertUnwindSafe(|| {
+            let literal = t.literal.to_val();
+            let ordering = if t.field_first {
+                field.as_comparer()?.compare(literal.as_ref())
+            } else {
+                literal.as_comparer()?.compare(&field)
+            };
+            Some((t.holds)(ordering.ok()?))
+        }))
+        .ok()
+        .flatten()
     }
 
     /// Evaluates the condition. `Err` carries a message for an
