@@ -287,7 +287,8 @@ fn run(rate: Rate, readings: u64, args: &Args) -> Row {
         .linger
         .as_deref()
         .map(|l| humantime::parse_duration(l).expect("--linger is a duration"))
-        .unwrap_or(Duration::from_millis(10))
+        // ferry's own default when not given, so both linger alike.
+        .unwrap_or(ferry_agent::store::StoreConfig::default().commit_linger.0)
         .as_micros();
     let durable = args
         .durable
