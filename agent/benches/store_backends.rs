@@ -41,7 +41,8 @@ fn record(i: u64, pad: usize) -> Record {
             "battery": 3.1,
             "seq": i,
             "pad": "x".repeat(pad),
-        }),
+        })
+        .into(),
         ext: Default::default(),
         to: None,
         origin: None,

@@ -366,11 +366,11 @@ fn quarantine_record(q: &Quarantined, agent_id: &str, at: chrono::DateTime<chron
         event_type: STORE_QUARANTINED_TYPE.to_string(),
         subject: agent_id.to_string(),
         time: at,
-        data: serde_json::json!({
+        data: Arc::new(serde_json::json!({
             "moved_to": q.moved_to.display().to_string(),
             "error": q.error,
             "at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        }),
+        })),
         ext: BTreeMap::new(),
         to: None,
         origin: None,
@@ -893,7 +893,7 @@ impl Committer {
                     event_type: READING_TYPE.to_string(),
                     subject: reading.device,
                     time: reading.time,
-                    data: Value::Object(reading.fields),
+                    data: Arc::new(Value::Object(reading.fields)),
                     ext: BTreeMap::new(),
                     to: None,
                     origin: None,
@@ -1471,7 +1471,7 @@ emit = { type = "com.example.hot" }
         assert_eq!(r.subject, "gw-0042");
         assert_eq!(r.time, at);
         assert_eq!(
-            r.data,
+            *r.data,
             serde_json::json!({
                 "moved_to": "/var/lib/ferry/quarantine/20261130T081500Z",
                 "error": "DB corrupted: checksum mismatch",

@@ -12,6 +12,7 @@
 //! header and user-property mappings a plain loop over [`Event::attributes`].
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::ser::{Serialize, SerializeMap, Serializer};
@@ -54,7 +55,7 @@ pub struct Event {
     /// Extensions in the order they are written: `sequence` first, then the
     /// record's own in name order. Names are checked by [`Event::from_stored`].
     pub extensions: Vec<(String, String)>,
-    pub data: Value,
+    pub data: Arc<Value>,
 }
 
 impl Event {
@@ -99,7 +100,7 @@ impl Event {
             subject: r.subject.clone(),
             time: r.time,
             extensions,
-            data: r.data.clone(),
+            data: Arc::clone(&r.data),
         })
     }
 
@@ -210,7 +211,7 @@ mod tests {
                 event_type: "io.ferry.reading".into(),
                 subject: "freezer-1".into(),
                 time: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
-                data: json!({"temperature": -12.5}),
+                data: json!({"temperature": -12.5}).into(),
                 ext: [
                     ("severity".to_string(), "high".to_string()),
                     ("rule".to_string(), "freezer warm".to_string()),

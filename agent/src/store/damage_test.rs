@@ -39,7 +39,7 @@ fn record(i: u64) -> Record {
         event_type: "io.ferry.reading".into(),
         subject: format!("d{}", i % 7),
         time: chrono::Utc::now(),
-        data: serde_json::json!({ "i": i, "pad": "x".repeat((i % 40) as usize * 10) }),
+        data: serde_json::json!({ "i": i, "pad": "x".repeat((i % 40) as usize * 10) }).into(),
         ext: Default::default(),
         to: None,
         origin: None,

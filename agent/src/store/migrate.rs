@@ -85,7 +85,7 @@ mod tests {
             event_type: "io.ferry.reading".into(),
             subject: format!("d{i}"),
             time: chrono::Utc::now(),
-            data: serde_json::json!({ "i": i }),
+            data: serde_json::json!({ "i": i }).into(),
             ext: Default::default(),
             to: None,
             origin: None,

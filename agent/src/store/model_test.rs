@@ -52,7 +52,7 @@ fn record(n: u64, pad: usize) -> Record {
             .timestamp_opt(1_700_000_000, 0)
             .single()
             .expect("a valid time"),
-        data: serde_json::json!({ "n": n, "pad": "x".repeat(pad) }),
+        data: serde_json::json!({ "n": n, "pad": "x".repeat(pad) }).into(),
         ext: Default::default(),
         to: None,
         origin: None,

@@ -233,7 +233,7 @@ fn reading(n: u64, pad: usize) -> Record {
             .timestamp_opt(1_700_000_000 + n as i64, 0)
             .single()
             .expect("a valid time"),
-        data: serde_json::json!({ "n": n, "celsius": 20.5, "pad": "x".repeat(pad) }),
+        data: serde_json::json!({ "n": n, "celsius": 20.5, "pad": "x".repeat(pad) }).into(),
         ext: Default::default(),
         to: None,
         origin: None,

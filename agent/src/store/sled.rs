@@ -245,7 +245,7 @@ mod tests {
             event_type: "io.ferry.reading".into(),
             subject: "d".into(),
             time: chrono::Utc::now(),
-            data: serde_json::json!({ "i": 0 }),
+            data: serde_json::json!({ "i": 0 }).into(),
             ext: Default::default(),
             to: None,
             origin: None,

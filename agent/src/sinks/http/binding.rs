@@ -66,7 +66,7 @@ mod tests {
                 event_type: "io.ferry.reading".into(),
                 subject: "freezer-1".into(),
                 time: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
-                data: json!({"temperature": -12.5}),
+                data: json!({"temperature": -12.5}).into(),
                 ext: [("rule".to_string(), "freezer warm".to_string())].into(),
                 to: None,
                 origin: None,
