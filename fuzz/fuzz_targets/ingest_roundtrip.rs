@@ -32,14 +32,16 @@ fuzz_target!(|data: &[u8]| {
         event_type: "io.ferry.reading".into(),
         subject: reading.device.clone(),
         time: reading.time,
-        data: fields.clone(),
+        data: fields.clone().into(),
         ext: BTreeMap::new(),
         to: None,
         origin: None,
     };
     let mut alert = record.clone();
     alert.event_type = "com.example.alert".into();
-    alert.data = json!({"rule": "r", "device": reading.device, "transition": "fired", "values": fields});
+    alert.data =
+        json!({"rule": "r", "device": reading.device, "transition": "fired", "values": fields})
+            .into();
     alert.ext.insert("rule".into(), "r".into());
 
     let mut events = Vec::new();
@@ -49,16 +51,20 @@ fuzz_target!(|data: &[u8]| {
         let back: Record = serde_json::from_slice(&bytes)
             .unwrap_or_else(|e| panic!("an accepted reading does not read back: {e}"));
         assert_eq!(back, r);
-        let stored = Stored { seq, record: back, bytes: bytes.len() };
+        let stored = Stored {
+            seq,
+            record: back,
+            bytes: bytes.len(),
+        };
         let event = Event::from_stored("epoch", &stored).expect("a stored record is an event");
         // Structured mode: the whole event as JSON.
         let structured: Value = serde_json::from_slice(&binding::structured(&event))
             .unwrap_or_else(|e| panic!("structured encoding does not parse: {e}"));
-        assert_eq!(structured["data"], r.data);
+        assert_eq!(structured["data"], *r.data);
         // Binary mode: the body is the data.
         let (_, body) = binding::binary(&event);
         let body: Value = serde_json::from_slice(&body).expect("binary body parses");
-        assert_eq!(body, r.data);
+        assert_eq!(body, *r.data);
         events.push(event);
     }
     let batch: Value = serde_json::from_slice(&binding::batch(&events))

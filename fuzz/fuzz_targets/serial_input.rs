@@ -42,7 +42,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(framer.buffered() <= framer.buffer_limit());
         for frame in frames.drain(..) {
             let Ok(bytes) = frame else { continue };
-            assert!(bytes.len() <= max, "a {} byte frame, max {max}", bytes.len());
+            assert!(
+                bytes.len() <= max,
+                "a {} byte frame, max {max}",
+                bytes.len()
+            );
             for format in &formats {
                 let _ = format.parse(&bytes);
             }
